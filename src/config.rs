@@ -1,0 +1,211 @@
+//! Typed settings, read once at cold start from the environment.
+
+use std::time::Duration;
+
+use crate::message::{PackagingGroupId, RoleArn};
+
+/// Why the configuration is unusable. Each error names the variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// Its value as read.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Everything the function can be told through its environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `PACKAGING_GROUP_ID`: used when a message leaves `packagingGroupId` out.
+    pub packaging_group_id: Option<PackagingGroupId>,
+    /// `SOURCE_ROLE_ARN`: used when a message leaves `sourceRoleArn` out.
+    pub source_role_arn: Option<RoleArn>,
+    /// `MAX_CONCURRENCY`: messages of one batch processed at once (1 to 1000, default 10).
+    pub max_concurrency: usize,
+    /// `DEADLINE_MARGIN_MS`: time kept free before the Lambda deadline to report unfinished
+    /// messages (default 2000).
+    pub deadline_margin: Duration,
+    /// `API_TIMEOUT_MS`: the most one MediaPackage VOD operation may take, retries included
+    /// (default 10000).
+    pub api_timeout: Duration,
+    /// `API_ATTEMPT_TIMEOUT_MS`: the most one HTTP attempt may take (default 3000).
+    pub api_attempt_timeout: Duration,
+    /// `API_MAX_ATTEMPTS`: attempts per MediaPackage VOD operation, first one included, by the
+    /// SDK's standard retry strategy (1 to 10, default 3).
+    pub api_max_attempts: u32,
+    /// `API_INITIAL_BACKOFF_MS`: the SDK retry backoff base (full jitter; default 200).
+    pub api_initial_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            packaging_group_id: None,
+            source_role_arn: None,
+            max_concurrency: 10,
+            deadline_margin: Duration::from_millis(2000),
+            api_timeout: Duration::from_millis(10_000),
+            api_attempt_timeout: Duration::from_millis(3000),
+            api_max_attempts: 3,
+            api_initial_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup`, which returns a variable's value if it is set.
+    /// An empty value counts as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let defaults = Self::default();
+        let packaging_group_id = get("PACKAGING_GROUP_ID")
+            .map(|v| PackagingGroupId::parse(&v).map_err(|e| invalid("PACKAGING_GROUP_ID", &v, e)))
+            .transpose()?;
+        let source_role_arn = get("SOURCE_ROLE_ARN")
+            .map(|v| RoleArn::parse(&v).map_err(|e| invalid("SOURCE_ROLE_ARN", &v, e)))
+            .transpose()?;
+        let ms = |var: &'static str, default: Duration, min: u64, max: u64| {
+            number(&get, var, min, max).map(|v| v.map_or(default, Duration::from_millis))
+        };
+        let config = Self {
+            packaging_group_id,
+            source_role_arn,
+            max_concurrency: number(&get, "MAX_CONCURRENCY", 1, 1000)?
+                .map_or(defaults.max_concurrency, |v| v as usize),
+            deadline_margin: ms("DEADLINE_MARGIN_MS", defaults.deadline_margin, 0, 60_000)?,
+            api_timeout: ms("API_TIMEOUT_MS", defaults.api_timeout, 100, 900_000)?,
+            api_attempt_timeout: ms(
+                "API_ATTEMPT_TIMEOUT_MS",
+                defaults.api_attempt_timeout,
+                100,
+                900_000,
+            )?,
+            api_max_attempts: number(&get, "API_MAX_ATTEMPTS", 1, 10)?
+                .map_or(defaults.api_max_attempts, |v| v as u32),
+            api_initial_backoff: ms(
+                "API_INITIAL_BACKOFF_MS",
+                defaults.api_initial_backoff,
+                1,
+                20_000,
+            )?,
+        };
+        if config.api_attempt_timeout > config.api_timeout {
+            return Err(invalid(
+                "API_ATTEMPT_TIMEOUT_MS",
+                &config.api_attempt_timeout.as_millis().to_string(),
+                "must not exceed API_TIMEOUT_MS",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn number(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(None);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(Some(v)),
+        _ => Err(invalid(
+            var,
+            &raw,
+            format!("expected a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_documented_defaults() {
+        assert_eq!(config(&[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = config(&[
+            ("PACKAGING_GROUP_ID", "vod-group"),
+            (
+                "SOURCE_ROLE_ARN",
+                "arn:aws:iam::123456789012:role/MediaPackageRead",
+            ),
+            ("MAX_CONCURRENCY", "4"),
+            ("DEADLINE_MARGIN_MS", "500"),
+            ("API_TIMEOUT_MS", "5000"),
+            ("API_ATTEMPT_TIMEOUT_MS", "1000"),
+            ("API_MAX_ATTEMPTS", "2"),
+            ("API_INITIAL_BACKOFF_MS", "50"),
+        ])
+        .unwrap();
+        assert_eq!(c.packaging_group_id.unwrap().as_str(), "vod-group");
+        assert_eq!(
+            c.source_role_arn.unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/MediaPackageRead"
+        );
+        assert_eq!(c.max_concurrency, 4);
+        assert_eq!(c.deadline_margin, Duration::from_millis(500));
+        assert_eq!(c.api_timeout, Duration::from_millis(5000));
+        assert_eq!(c.api_attempt_timeout, Duration::from_millis(1000));
+        assert_eq!(c.api_max_attempts, 2);
+        assert_eq!(c.api_initial_backoff, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_bad_number_names_its_variable() {
+        let err = config(&[("MAX_CONCURRENCY", "0")]).unwrap_err();
+        assert_eq!(err.var, "MAX_CONCURRENCY");
+        assert!(err.to_string().contains("MAX_CONCURRENCY=\"0\""), "{err}");
+        assert_eq!(
+            config(&[("API_MAX_ATTEMPTS", "many")]).unwrap_err().var,
+            "API_MAX_ATTEMPTS"
+        );
+    }
+
+    #[test]
+    fn a_bad_role_arn_names_its_variable() {
+        let err = config(&[("SOURCE_ROLE_ARN", "MediaPackageRead")]).unwrap_err();
+        assert_eq!(err.var, "SOURCE_ROLE_ARN");
+    }
+
+    #[test]
+    fn an_attempt_timeout_longer_than_the_operation_timeout_is_refused() {
+        let err = config(&[
+            ("API_TIMEOUT_MS", "1000"),
+            ("API_ATTEMPT_TIMEOUT_MS", "2000"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "API_ATTEMPT_TIMEOUT_MS");
+    }
+}
