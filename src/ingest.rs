@@ -137,6 +137,11 @@ impl<A: AssetApi> Ingestor<A> {
         }
     }
 
+    /// The MediaPackage VOD port.
+    pub fn api(&self) -> &A {
+        &self.api
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config

@@ -1,0 +1,233 @@
+//! The compiled `bootstrap` binary, driven through a local Lambda Runtime API exactly as the
+//! Lambda service drives it, against the emulator, with configuration from the environment.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use mpvod_emulator::EmulatorConfig;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::common::{event, ids, ROLE};
+
+/// What the function posted back for one invocation.
+#[derive(Debug)]
+enum Reply {
+    Response(Value),
+    Error(#[allow(dead_code)] Value),
+}
+
+#[derive(Clone)]
+struct RuntimeApi {
+    pending: Arc<Mutex<VecDeque<(String, String)>>>,
+    replies: mpsc::UnboundedSender<(String, Reply)>,
+}
+
+async fn next(State(api): State<RuntimeApi>) -> (HeaderMap, String) {
+    let job = api.pending.lock().unwrap().pop_front();
+    let Some((request_id, body)) = job else {
+        // No more work: hold the long poll like the real service does.
+        std::future::pending::<()>().await;
+        unreachable!()
+    };
+    let deadline = SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_secs(30);
+    let mut headers = HeaderMap::new();
+    headers.insert("lambda-runtime-aws-request-id", request_id.parse().unwrap());
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        deadline.as_millis().to_string().parse().unwrap(),
+    );
+    headers.insert(
+        "lambda-runtime-invoked-function-arn",
+        "arn:aws:lambda:us-east-1:123456789012:function:mediapackage-ingest"
+            .parse()
+            .unwrap(),
+    );
+    headers.insert(
+        "lambda-runtime-trace-id",
+        "Root=1-5f84c7a5-0123456789abcdef01234567".parse().unwrap(),
+    );
+    (headers, body)
+}
+
+async fn response(
+    State(api): State<RuntimeApi>,
+    Path(id): Path<String>,
+    body: String,
+) -> StatusCode {
+    let _ = api.replies.send((
+        id,
+        Reply::Response(serde_json::from_str(&body).unwrap_or(Value::Null)),
+    ));
+    StatusCode::ACCEPTED
+}
+
+async fn error(State(api): State<RuntimeApi>, Path(id): Path<String>, body: String) -> StatusCode {
+    let _ = api.replies.send((
+        id,
+        Reply::Error(serde_json::from_str(&body).unwrap_or(Value::Null)),
+    ));
+    StatusCode::ACCEPTED
+}
+
+/// Serves a Runtime API with `events` queued, on 127.0.0.1 with an ephemeral port.
+async fn runtime_api(
+    events: Vec<(String, String)>,
+) -> (
+    String,
+    mpsc::UnboundedReceiver<(String, Reply)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let state = RuntimeApi {
+        pending: Arc::new(Mutex::new(events.into())),
+        replies: tx,
+    };
+    let app = Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route(
+            "/2018-06-01/runtime/invocation/{id}/response",
+            post(response),
+        )
+        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+        .with_state(state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr.to_string(), rx, server)
+}
+
+fn bootstrap(runtime_api: &str, endpoint: &str, extra: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bootstrap"));
+    command
+        .env_clear()
+        .env("AWS_LAMBDA_RUNTIME_API", runtime_api)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "mediapackage-ingest")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
+        .env(
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            "/aws/lambda/mediapackage-ingest",
+        )
+        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD", endpoint)
+        .env("SOURCE_ROLE_ARN", ROLE)
+        .env("API_INITIAL_BACKOFF_MS", "5")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    command.spawn().expect("bootstrap starts")
+}
+
+#[tokio::test]
+async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event() {
+    let emulator = EmulatorConfig::default()
+        .with_packaging_group("vod-group")
+        .spawn()
+        .await
+        .unwrap();
+    let mixed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/mixed.json")).unwrap();
+    let batch =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/batch-10.json"))
+            .unwrap();
+    let (addr, mut replies, _server) =
+        runtime_api(vec![("inv-1".into(), mixed), ("inv-2".into(), batch)]).await;
+    let mut child = bootstrap(
+        &addr,
+        &emulator.url(),
+        &[("PACKAGING_GROUP_ID", "vod-group")],
+    );
+
+    let (id, first) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
+        .await
+        .expect("the function answers in time")
+        .expect("a reply");
+    assert_eq!(id, "inv-1");
+    let Reply::Response(body) = first else {
+        panic!("function error: {first:?}");
+    };
+    let reported: Vec<&str> = body["batchItemFailures"]
+        .as_array()
+        .expect("batchItemFailures list")
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap())
+        .collect();
+    let all = ids(&event("mixed.json").records);
+    assert_eq!(
+        reported,
+        [all[1].as_str(), all[2].as_str(), all[3].as_str()]
+    );
+
+    // The same warm instance takes the next invocation.
+    let (id, second) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
+        .await
+        .expect("the function answers in time")
+        .expect("a reply");
+    assert_eq!(id, "inv-2");
+    assert!(
+        matches!(second, Reply::Response(ref b) if b["batchItemFailures"] == serde_json::json!([])),
+        "{second:?}"
+    );
+
+    let made: Vec<String> = emulator
+        .assets()
+        .into_iter()
+        .map(|a| a.source_arn)
+        .collect();
+    assert_eq!(made.len(), 12, "{made:?}");
+    assert!(made.contains(&"arn:aws:s3:::media-masters/show/s01e21/index.m3u8".to_string()));
+    assert!(made.contains(&"arn:aws:s3:::media-masters/show/s01e25/main.smil".to_string()));
+
+    child.start_kill().unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let logs = String::from_utf8_lossy(&output.stdout);
+    let json_lines: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(!json_lines.is_empty(), "JSON logs expected, got: {logs}");
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "permanent failure"
+                && l["span"]["message_id"] == all[3].as_str()),
+        "a permanent failure is logged with its message id: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_setting_fails_the_cold_start_naming_the_variable() {
+    let (addr, _replies, _server) = runtime_api(Vec::new()).await;
+    let child = bootstrap(&addr, "http://127.0.0.1:9", &[("MAX_CONCURRENCY", "zero")]);
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("exits at once")
+        .unwrap();
+    assert!(!output.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(all.contains("MAX_CONCURRENCY"), "{all}");
+}

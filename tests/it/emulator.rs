@@ -1,0 +1,250 @@
+//! The handler with the real SDK client against the emulator on loopback: plain, throttled,
+//! faulty, slow, over quota.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::SqsMessage;
+use mpvod_emulator::{EmulatorConfig, RunningEmulator};
+use mpvod_ingest::config::Config;
+use mpvod_ingest::ingest::{batch_response, Ingestor, Outcome};
+use mpvod_ingest::mediapackage::SdkAssetApi;
+
+use crate::common::{event, far_deadline, ids, sdk_client, test_config, ROLE};
+
+async fn emulator(config: EmulatorConfig) -> RunningEmulator {
+    config
+        .with_packaging_group("vod-group")
+        .spawn()
+        .await
+        .expect("emulator starts")
+}
+
+fn ingestor(emulator: &RunningEmulator, config: Config) -> Ingestor<SdkAssetApi> {
+    Ingestor::new(
+        SdkAssetApi::new(sdk_client(&emulator.url(), &config)),
+        config,
+    )
+}
+
+/// Runs `records` the way SQS would: each round redelivers exactly the reported failures,
+/// until none is left or `rounds` is reached. Returns the messages still failing.
+async fn drain(
+    ingestor: &Ingestor<SdkAssetApi>,
+    mut records: Vec<SqsMessage>,
+    rounds: usize,
+) -> Vec<SqsMessage> {
+    for _ in 0..rounds {
+        if records.is_empty() {
+            break;
+        }
+        let outcomes = ingestor.process_batch(&records, far_deadline()).await;
+        let response = batch_response(&records, &outcomes).unwrap();
+        let failed: BTreeSet<String> = response
+            .batch_item_failures
+            .into_iter()
+            .map(|f| f.item_identifier)
+            .collect();
+        records.retain(|r| failed.contains(r.message_id.as_deref().unwrap()));
+        // SQS hands a reported message back only after its visibility timeout.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    records
+}
+
+#[tokio::test]
+async fn a_full_batch_becomes_assets_and_reports_no_failure() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let records = event("batch-10.json").records;
+    let outcomes = ingestor.process_batch(&records, far_deadline()).await;
+    assert!(batch_response(&records, &outcomes)
+        .unwrap()
+        .batch_item_failures
+        .is_empty());
+    let assets = emulator.assets();
+    assert_eq!(assets.len(), 10);
+    let s01e07 = assets
+        .iter()
+        .find(|a| a.id == "show-s01e07")
+        .expect("asset exists");
+    assert_eq!(
+        s01e07.source_arn,
+        "arn:aws:s3:::media-masters/show/s01e07/index.m3u8"
+    );
+    assert_eq!(s01e07.source_role_arn, ROLE);
+    assert_eq!(s01e07.packaging_group_id, "vod-group");
+}
+
+#[tokio::test]
+async fn the_mixed_batch_reports_only_its_bad_messages() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let records = event("mixed.json").records;
+    let outcomes = ingestor.process_batch(&records, far_deadline()).await;
+    let response = batch_response(&records, &outcomes).unwrap();
+    let reported: Vec<_> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    let all = ids(&records);
+    assert_eq!(reported, [all[1].clone(), all[2].clone(), all[3].clone()]);
+    assert!(matches!(&outcomes[1], Outcome::Permanent(f) if f.code == "InvalidMessage"));
+    assert!(
+        matches!(&outcomes[2], Outcome::Permanent(f) if f.reason.contains("sourceArn is missing"))
+    );
+    assert!(matches!(&outcomes[3], Outcome::Permanent(f) if f.code == "NotFoundException"));
+    let mut made: Vec<_> = emulator
+        .assets()
+        .into_iter()
+        .map(|a| a.source_arn)
+        .collect();
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            "arn:aws:s3:::media-masters/show/s01e21/index.m3u8",
+            "arn:aws:s3:::media-masters/show/s01e25/main.smil",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_redelivered_message_does_not_make_a_second_asset() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let records = event("single.json").records;
+    let first = ingestor.process_batch(&records, far_deadline()).await;
+    let second = ingestor.process_batch(&records, far_deadline()).await;
+    assert!(matches!(first[0], Outcome::Created { .. }), "{first:?}");
+    assert_eq!(second[0], Outcome::AlreadyExists);
+    assert_eq!(emulator.assets().len(), 1);
+}
+
+#[tokio::test]
+async fn a_throttled_backlog_drains_through_redelivery_with_nothing_lost() {
+    let emulator = emulator(EmulatorConfig::default().with_rate_limit(5.0, 2)).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let records = event("throttle.json").records;
+    let first = ingestor.process_batch(&records, far_deadline()).await;
+    let throttled = first
+        .iter()
+        .filter(|o| matches!(o, Outcome::Retry(f) if f.code == "TooManyRequestsException"))
+        .count();
+    assert!(
+        throttled > 0,
+        "a burst of 10 against 5/s must be throttled: {first:?}"
+    );
+    let created = first
+        .iter()
+        .filter(|o| matches!(o, Outcome::Created { .. }))
+        .count();
+    assert_eq!(created + throttled, 10, "{first:?}");
+    assert_eq!(emulator.assets().len(), created);
+
+    let failed: Vec<SqsMessage> = records
+        .iter()
+        .zip(&first)
+        .filter(|(_, o)| o.must_redeliver())
+        .map(|(r, _)| r.clone())
+        .collect();
+    let left = drain(&ingestor, failed, 40).await;
+    assert!(left.is_empty(), "still failing: {:?}", ids(&left));
+    let made: BTreeSet<_> = emulator.assets().into_iter().map(|a| a.id).collect();
+    let wanted: BTreeSet<_> = (30..40).map(|i| format!("show-s01e{i:02}")).collect();
+    assert_eq!(made, wanted);
+    assert!(emulator.stats().throttled > 0);
+}
+
+#[tokio::test]
+async fn server_faults_are_retried_and_every_asset_is_made_exactly_once() {
+    let emulator = emulator(EmulatorConfig::default().with_fault_rate(0.5).with_seed(7)).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let left = drain(&ingestor, event("batch-10.json").records, 20).await;
+    assert!(left.is_empty(), "still failing: {:?}", ids(&left));
+    assert_eq!(emulator.assets().len(), 10);
+    assert!(emulator.stats().faults > 0, "faults were injected");
+}
+
+#[tokio::test]
+async fn a_forbidden_role_is_a_permanent_failure() {
+    let emulator = emulator(EmulatorConfig::default().with_forbidden_role(ROLE)).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let outcomes = ingestor
+        .process_batch(&event("single.json").records, far_deadline())
+        .await;
+    assert!(
+        matches!(&outcomes[0], Outcome::Permanent(f) if f.code == "ForbiddenException"),
+        "{outcomes:?}"
+    );
+    assert_eq!(emulator.stats().requests, 1, "a 403 is not retried");
+}
+
+#[tokio::test]
+async fn an_exhausted_asset_quota_is_retryable_not_permanent() {
+    let emulator = emulator(EmulatorConfig::default().with_asset_quota(1)).await;
+    let ingestor = ingestor(
+        &emulator,
+        Config {
+            max_concurrency: 1,
+            ..test_config()
+        },
+    );
+    let records = event("batch-10.json").records;
+    let outcomes = ingestor.process_batch(&records[..2], far_deadline()).await;
+    assert!(matches!(outcomes[0], Outcome::Created { .. }));
+    assert!(
+        matches!(&outcomes[1], Outcome::Retry(f) if f.reason.contains("Resource limit exceeded")),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test]
+async fn work_still_running_at_the_deadline_is_cut_and_reported_in_time() {
+    let emulator = emulator(EmulatorConfig::default().with_latency(Duration::from_secs(5))).await;
+    let config = Config {
+        deadline_margin: Duration::from_millis(200),
+        api_attempt_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let ingestor = ingestor(&emulator, config);
+    let records = event("batch-10.json").records;
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(1500);
+    let outcomes = ingestor.process_batch(&records, deadline).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "returned after {elapsed:?}"
+    );
+    assert_eq!(outcomes.len(), 10);
+    assert!(outcomes.iter().all(|o| o.must_redeliver()), "{outcomes:?}");
+    assert!(
+        batch_response(&records, &outcomes)
+            .unwrap()
+            .batch_item_failures
+            .len()
+            == 10
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_started_when_no_attempt_fits_before_the_deadline() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let config = Config {
+        deadline_margin: Duration::from_millis(500),
+        ..test_config()
+    };
+    let ingestor = ingestor(&emulator, config);
+    let records = event("batch-10.json").records;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1000);
+    let outcomes = ingestor.process_batch(&records, deadline).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Retry(f) if f.code == "DeadlineReached")),
+        "{outcomes:?}"
+    );
+    assert_eq!(emulator.stats().requests, 0);
+}

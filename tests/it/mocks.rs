@@ -1,0 +1,208 @@
+//! The handler's decisions on scripted MediaPackage VOD answers (aws-smithy-mocks): throttling,
+//! idempotent redelivery, and permanent refusals.
+
+use aws_sdk_mediapackagevod::operation::create_asset::CreateAssetOutput;
+use aws_sdk_mediapackagevod::operation::describe_asset::DescribeAssetOutput;
+use aws_sdk_mediapackagevod::Client;
+use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::http::StatusCode;
+use aws_smithy_types::body::SdkBody;
+use mpvod_ingest::config::Config;
+use mpvod_ingest::ingest::{Ingestor, Outcome};
+use mpvod_ingest::mediapackage::{sdk_settings, SdkAssetApi};
+use mpvod_ingest::message::{AssetRequest, Defaults};
+
+use crate::common::{own_retry_partition, test_config, ROLE};
+
+const SOURCE: &str = "arn:aws:s3:::media-masters/show/s01e01/index.m3u8";
+
+/// An error answered the way the service answers it on the wire.
+fn error_response(status: u16, code: &'static str, message: &'static str) -> HttpResponse {
+    let body = format!(r#"{{"message":"{message}"}}"#);
+    let mut response =
+        HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::from(body));
+    response.headers_mut().insert("x-amzn-ErrorType", code);
+    response
+        .headers_mut()
+        .insert("x-amzn-RequestId", "req-1234");
+    response
+        .headers_mut()
+        .insert("content-type", "application/json");
+    response
+}
+
+fn throttled() -> HttpResponse {
+    error_response(
+        429,
+        "TooManyRequestsException",
+        "Too many requests, please try again.",
+    )
+}
+
+fn ingestor(rules: &[&Rule], config: Config) -> Ingestor<SdkAssetApi> {
+    let (retry, timeout) = sdk_settings(
+        config.api_max_attempts,
+        config.api_initial_backoff,
+        config.api_attempt_timeout,
+        config.api_timeout,
+    );
+    let partition = own_retry_partition();
+    let client: Client = mock_client!(aws_sdk_mediapackagevod, RuleMode::MatchAny, rules, |c| c
+        .retry_config(retry.clone())
+        .timeout_config(timeout.clone())
+        .retry_partition(partition.clone()));
+    Ingestor::new(SdkAssetApi::new(client), config)
+}
+
+fn request() -> AssetRequest {
+    let body = format!(
+        r#"{{"id":"s01e01","packagingGroupId":"vod-group","sourceArn":"{SOURCE}","sourceRoleArn":"{ROLE}"}}"#
+    );
+    AssetRequest::parse(&body, &Defaults::default()).unwrap()
+}
+
+fn created() -> CreateAssetOutput {
+    CreateAssetOutput::builder()
+        .id("s01e01")
+        .arn("arn:aws:mediapackage-vod:us-east-1:123456789012:assets/s01e01")
+        .build()
+}
+
+#[tokio::test]
+async fn two_throttles_then_success_creates_the_asset() {
+    let create = mock!(Client::create_asset)
+        .sequence()
+        .http_response(throttled)
+        .times(2)
+        .output(created)
+        .build();
+    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    assert!(
+        matches!(outcome, Outcome::Created { arn: Some(ref a) } if a.ends_with("/s01e01")),
+        "{outcome:?}"
+    );
+    assert_eq!(create.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
+    let create = mock!(Client::create_asset)
+        .sequence()
+        .http_response(throttled)
+        .repeatedly()
+        .build();
+    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    match outcome {
+        Outcome::Retry(f) => {
+            assert_eq!(f.code, "TooManyRequestsException");
+            assert_eq!(f.request_id.as_deref(), Some("req-1234"));
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(create.num_calls(), 3, "bounded by API_MAX_ATTEMPTS");
+}
+
+#[tokio::test]
+async fn an_existing_id_with_the_same_source_is_a_success() {
+    let create = mock!(Client::create_asset).then_http_response(|| {
+        error_response(
+            422,
+            "UnprocessableEntityException",
+            "Asset s01e01 already exists.",
+        )
+    });
+    let describe = mock!(Client::describe_asset)
+        .match_requests(|r| r.id() == Some("s01e01"))
+        .then_output(|| {
+            DescribeAssetOutput::builder()
+                .id("s01e01")
+                .source_arn(SOURCE)
+                .build()
+        });
+    let outcome = ingestor(&[&create, &describe], test_config())
+        .create(&request())
+        .await;
+    assert_eq!(outcome, Outcome::AlreadyExists);
+    assert_eq!(describe.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
+    let create = mock!(Client::create_asset).then_http_response(|| {
+        error_response(
+            422,
+            "UnprocessableEntityException",
+            "Asset s01e01 already exists.",
+        )
+    });
+    let describe = mock!(Client::describe_asset).then_output(|| {
+        DescribeAssetOutput::builder()
+            .id("s01e01")
+            .source_arn("arn:aws:s3:::other-bucket/other.m3u8")
+            .build()
+    });
+    let outcome = ingestor(&[&create, &describe], test_config())
+        .create(&request())
+        .await;
+    assert!(
+        matches!(outcome, Outcome::Permanent(ref f) if f.code == "AssetIdConflict"),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_422_for_an_asset_that_does_not_exist_is_permanent() {
+    let create = mock!(Client::create_asset).then_http_response(|| {
+        error_response(
+            422,
+            "UnprocessableEntityException",
+            "sourceArn must point to a manifest.",
+        )
+    });
+    let describe = mock!(Client::describe_asset)
+        .then_http_response(|| error_response(404, "NotFoundException", "Asset not found."));
+    let outcome = ingestor(&[&create, &describe], test_config())
+        .create(&request())
+        .await;
+    assert!(
+        matches!(outcome, Outcome::Permanent(ref f) if f.code == "UnprocessableEntityException"),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_403_is_permanent_and_not_retried() {
+    let create = mock!(Client::create_asset)
+        .sequence()
+        .http_response(|| {
+            error_response(
+                403,
+                "ForbiddenException",
+                "not authorized to perform: iam:PassRole",
+            )
+        })
+        .repeatedly()
+        .build();
+    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    assert!(
+        matches!(outcome, Outcome::Permanent(ref f) if f.code == "ForbiddenException"),
+        "{outcome:?}"
+    );
+    assert_eq!(create.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported_for_redelivery() {
+    let create = mock!(Client::create_asset)
+        .sequence()
+        .http_response(|| error_response(503, "ServiceUnavailableException", "unavailable"))
+        .repeatedly()
+        .build();
+    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    assert!(
+        matches!(outcome, Outcome::Retry(ref f) if f.code == "ServiceUnavailableException"),
+        "{outcome:?}"
+    );
+    assert_eq!(create.num_calls(), 3);
+}
