@@ -108,12 +108,20 @@ pub fn batch_response(
     Ok(response)
 }
 
-/// Converts the Lambda deadline (epoch milliseconds) to a monotonic instant.
-pub fn deadline_instant(deadline_epoch_ms: u64) -> Instant {
+/// Deadlines below this (2001-09-09 in epoch milliseconds) cannot be real Lambda deadlines.
+const EPOCH_MS_FLOOR: u64 = 1_000_000_000_000;
+
+/// Converts the Lambda deadline (epoch milliseconds) to a monotonic instant. Some local
+/// runtimes (`cargo lambda watch`) send the function timeout in milliseconds instead of an
+/// epoch time; such a value is taken as the time left.
+pub fn deadline_instant(deadline_ms: u64) -> Instant {
+    if deadline_ms < EPOCH_MS_FLOOR {
+        return Instant::now() + Duration::from_millis(deadline_ms);
+    }
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    Instant::now() + Duration::from_millis(deadline_epoch_ms.saturating_sub(now_ms))
+    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
 /// The function: configuration and the MediaPackage VOD port, built once at cold start.
@@ -154,6 +162,14 @@ impl<A: AssetApi> Ingestor<A> {
     ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         let deadline = deadline_instant(event.context.deadline);
         let records = event.payload.records;
+        tracing::info!(
+            messages = records.len(),
+            deadline_ms = event.context.deadline,
+            remaining_ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+            "batch received"
+        );
         let outcomes = self.process_batch(&records, deadline).await;
         let response = batch_response(&records, &outcomes)?;
         tracing::info!(
@@ -298,6 +314,20 @@ mod tests {
 
     fn retry() -> Outcome {
         Outcome::Retry(Failure::new("TooManyRequestsException", "slow down"))
+    }
+
+    #[test]
+    fn an_epoch_deadline_and_a_relative_one_both_give_the_time_left() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let left = |d: Instant| d.saturating_duration_since(Instant::now()).as_millis();
+        let epoch = left(deadline_instant(now_ms + 30_000));
+        assert!((29_000..=30_000).contains(&epoch), "{epoch}");
+        let relative = left(deadline_instant(600_000));
+        assert!((599_000..=600_000).contains(&relative), "{relative}");
+        assert_eq!(left(deadline_instant(now_ms - 5_000)), 0);
     }
 
     #[test]
