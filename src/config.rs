@@ -28,16 +28,30 @@ pub struct Config {
     /// `DEADLINE_MARGIN_MS`: time kept free before the Lambda deadline to report unfinished
     /// messages (default 2000).
     pub deadline_margin: Duration,
-    /// `API_TIMEOUT_MS`: the most one MediaPackage VOD operation may take, retries included
-    /// (default 10000).
+    /// `API_TIMEOUT_MS`: the most one MediaPackage VOD operation may take (default 10000).
     pub api_timeout: Duration,
     /// `API_ATTEMPT_TIMEOUT_MS`: the most one HTTP attempt may take (default 3000).
     pub api_attempt_timeout: Duration,
-    /// `API_MAX_ATTEMPTS`: attempts per MediaPackage VOD operation, first one included, by the
-    /// SDK's standard retry strategy (1 to 10, default 3).
+    /// `API_MAX_ATTEMPTS`: attempts per MediaPackage VOD call within one invocation, first one
+    /// included, each through the rate limiter (1 to 10, default 3). The SDK itself does not
+    /// retry: retries happen at this one layer.
     pub api_max_attempts: u32,
-    /// `API_INITIAL_BACKOFF_MS`: the SDK retry backoff base (full jitter; default 200).
-    pub api_initial_backoff: Duration,
+    /// `INITIAL_REQUESTS_PER_SECOND`: the limiter's rate before it has learned anything
+    /// (default 5).
+    pub initial_rate: f64,
+    /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
+    pub max_rate: Option<f64>,
+    /// `PERMIT_WAIT_MS`: the most a message waits for a request slot; a message that would
+    /// wait longer goes back to SQS with a delay instead (default 500).
+    pub permit_wait: Duration,
+    /// `REDELIVERY_BASE_SECONDS`: the first redelivery delay ceiling, doubled with each receive
+    /// (full jitter; default 2).
+    pub redelivery_base: Duration,
+    /// `REDELIVERY_CAP_SECONDS`: the longest redelivery delay (default 900, at most 43200).
+    pub redelivery_cap: Duration,
+    /// `QUOTA_REDELIVERY_SECONDS`: the delay for a message refused because a resource quota
+    /// is exhausted ("Resource limit exceeded"; default 3600, at most 43200).
+    pub quota_redelivery: Duration,
 }
 
 impl Default for Config {
@@ -50,7 +64,12 @@ impl Default for Config {
             api_timeout: Duration::from_millis(10_000),
             api_attempt_timeout: Duration::from_millis(3000),
             api_max_attempts: 3,
-            api_initial_backoff: Duration::from_millis(200),
+            initial_rate: 5.0,
+            max_rate: None,
+            permit_wait: Duration::from_millis(500),
+            redelivery_base: Duration::from_secs(2),
+            redelivery_cap: Duration::from_secs(900),
+            quota_redelivery: Duration::from_secs(3600),
         }
     }
 }
@@ -90,13 +109,26 @@ impl Config {
             )?,
             api_max_attempts: number(&get, "API_MAX_ATTEMPTS", 1, 10)?
                 .map_or(defaults.api_max_attempts, |v| v as u32),
-            api_initial_backoff: ms(
-                "API_INITIAL_BACKOFF_MS",
-                defaults.api_initial_backoff,
-                1,
-                20_000,
+            initial_rate: rate(&get, "INITIAL_REQUESTS_PER_SECOND")?
+                .unwrap_or(defaults.initial_rate),
+            max_rate: rate(&get, "MAX_REQUESTS_PER_SECOND")?,
+            permit_wait: ms("PERMIT_WAIT_MS", defaults.permit_wait, 0, 900_000)?,
+            redelivery_base: secs(&get, "REDELIVERY_BASE_SECONDS", defaults.redelivery_base, 1)?,
+            redelivery_cap: secs(&get, "REDELIVERY_CAP_SECONDS", defaults.redelivery_cap, 1)?,
+            quota_redelivery: secs(
+                &get,
+                "QUOTA_REDELIVERY_SECONDS",
+                defaults.quota_redelivery,
+                0,
             )?,
         };
+        if config.redelivery_base > config.redelivery_cap {
+            return Err(invalid(
+                "REDELIVERY_BASE_SECONDS",
+                &config.redelivery_base.as_secs().to_string(),
+                "must not exceed REDELIVERY_CAP_SECONDS",
+            ));
+        }
         if config.api_attempt_timeout > config.api_timeout {
             return Err(invalid(
                 "API_ATTEMPT_TIMEOUT_MS",
@@ -113,6 +145,32 @@ fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError
         var,
         value: value.to_string(),
         reason: reason.to_string(),
+    }
+}
+
+fn secs(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+    min: u64,
+) -> Result<Duration, ConfigError> {
+    number(get, var, min, 43_200).map(|v| v.map_or(default, Duration::from_secs))
+}
+
+fn rate(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<f64>, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(None);
+    };
+    match raw.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=100_000.0).contains(&v) => Ok(Some(v)),
+        _ => Err(invalid(
+            var,
+            &raw,
+            "expected requests per second from 0.1 to 100000",
+        )),
     }
 }
 
@@ -166,7 +224,12 @@ mod tests {
             ("API_TIMEOUT_MS", "5000"),
             ("API_ATTEMPT_TIMEOUT_MS", "1000"),
             ("API_MAX_ATTEMPTS", "2"),
-            ("API_INITIAL_BACKOFF_MS", "50"),
+            ("INITIAL_REQUESTS_PER_SECOND", "2.5"),
+            ("MAX_REQUESTS_PER_SECOND", "40"),
+            ("PERMIT_WAIT_MS", "250"),
+            ("REDELIVERY_BASE_SECONDS", "3"),
+            ("REDELIVERY_CAP_SECONDS", "600"),
+            ("QUOTA_REDELIVERY_SECONDS", "7200"),
         ])
         .unwrap();
         assert_eq!(c.packaging_group_id.unwrap().as_str(), "vod-group");
@@ -179,7 +242,12 @@ mod tests {
         assert_eq!(c.api_timeout, Duration::from_millis(5000));
         assert_eq!(c.api_attempt_timeout, Duration::from_millis(1000));
         assert_eq!(c.api_max_attempts, 2);
-        assert_eq!(c.api_initial_backoff, Duration::from_millis(50));
+        assert_eq!(c.initial_rate, 2.5);
+        assert_eq!(c.max_rate, Some(40.0));
+        assert_eq!(c.permit_wait, Duration::from_millis(250));
+        assert_eq!(c.redelivery_base, Duration::from_secs(3));
+        assert_eq!(c.redelivery_cap, Duration::from_secs(600));
+        assert_eq!(c.quota_redelivery, Duration::from_secs(7200));
     }
 
     #[test]
@@ -190,6 +258,35 @@ mod tests {
         assert_eq!(
             config(&[("API_MAX_ATTEMPTS", "many")]).unwrap_err().var,
             "API_MAX_ATTEMPTS"
+        );
+    }
+
+    #[test]
+    fn rates_and_delays_outside_their_range_are_refused() {
+        assert_eq!(
+            config(&[("MAX_REQUESTS_PER_SECOND", "0")]).unwrap_err().var,
+            "MAX_REQUESTS_PER_SECOND"
+        );
+        assert_eq!(
+            config(&[("INITIAL_REQUESTS_PER_SECOND", "NaN")])
+                .unwrap_err()
+                .var,
+            "INITIAL_REQUESTS_PER_SECOND"
+        );
+        assert_eq!(
+            config(&[("REDELIVERY_CAP_SECONDS", "50000")])
+                .unwrap_err()
+                .var,
+            "REDELIVERY_CAP_SECONDS"
+        );
+        assert_eq!(
+            config(&[
+                ("REDELIVERY_BASE_SECONDS", "30"),
+                ("REDELIVERY_CAP_SECONDS", "10")
+            ])
+            .unwrap_err()
+            .var,
+            "REDELIVERY_BASE_SECONDS"
         );
     }
 

@@ -1,5 +1,7 @@
 //! One SQS batch in, one outcome per message, one `SqsBatchResponse` out.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,9 +11,12 @@ use lambda_runtime::LambdaEvent;
 use tokio::time::Instant;
 use tracing::{field, Instrument};
 
+use crate::backoff::{visibility_seconds, Backoff};
 use crate::config::Config;
+use crate::limiter::{LimiterConfig, RateLimiter};
 use crate::mediapackage::{ApiError, AssetApi, ErrorKind};
 use crate::message::{AssetRequest, Defaults, InvalidMessage};
+use crate::sqs::{QueueApi, VisibilityChange};
 
 /// Why a message did not become an asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +66,9 @@ pub enum Outcome {
     },
     /// The asset already existed with the same source: a redelivery after success.
     AlreadyExists,
-    /// Not done now; SQS must deliver the message again.
-    Retry(Failure),
+    /// Not done now; SQS must deliver the message again, after the delay the
+    /// [`Redelivery`] says.
+    Retry(Failure, Redelivery),
     /// Cannot succeed as it is. Reported for redelivery, so that the queue's redrive policy
     /// moves it to the dead-letter queue.
     Permanent(Failure),
@@ -71,14 +77,61 @@ pub enum Outcome {
 impl Outcome {
     /// Whether SQS must deliver the message again (listed in `batchItemFailures`).
     pub fn must_redeliver(&self) -> bool {
-        matches!(self, Self::Retry(_) | Self::Permanent(_))
+        matches!(self, Self::Retry(..) | Self::Permanent(_))
     }
 
     fn from_api_error(error: ApiError) -> Self {
-        if error.kind.is_retryable() {
-            Self::Retry(error.into())
-        } else {
-            Self::Permanent(error.into())
+        match error.kind {
+            ErrorKind::QuotaExceeded => Self::Retry(error.into(), Redelivery::Quota),
+            ErrorKind::Throttled | ErrorKind::Transient => {
+                Self::Retry(error.into(), Redelivery::Backoff)
+            }
+            _ => Self::Permanent(error.into()),
+        }
+    }
+}
+
+/// When a message to retry should come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Exponential backoff with full jitter from the message's receive count.
+    Backoff,
+    /// No request slot was free in time: come back when the rate limiter expects room, and no
+    /// sooner than the backoff.
+    After(Duration),
+    /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
+    Quota,
+    /// Leave the queue's own visibility timeout in place.
+    Queue,
+}
+
+/// Why a rate-limited call stopped.
+enum Stop {
+    /// The API answered with an error that another attempt now cannot fix, or attempts ran out.
+    Api(ApiError),
+    /// No request slot before the message's wait limit.
+    NoSlot {
+        eta: Duration,
+        last: Option<ApiError>,
+    },
+}
+
+impl Stop {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Stop::Api(error) => Outcome::from_api_error(error),
+            Stop::NoSlot { eta, last } => Outcome::Retry(
+                last.map_or_else(
+                    || {
+                        Failure::new(
+                            "RateLimited",
+                            "no request slot free in time; handed back to the queue",
+                        )
+                    },
+                    Failure::from,
+                ),
+                Redelivery::After(eta),
+            ),
         }
     }
 }
@@ -124,9 +177,12 @@ pub fn deadline_instant(deadline_ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
-/// The function: configuration and the MediaPackage VOD port, built once at cold start.
+/// The function: configuration, the ports and the rate limiter, built once at cold start and
+/// kept across warm invocations.
 pub struct Ingestor<A> {
     api: A,
+    queue: Option<Box<dyn QueueApi>>,
+    limiter: RateLimiter,
     config: Config,
     defaults: Defaults,
 }
@@ -138,11 +194,30 @@ impl<A: AssetApi> Ingestor<A> {
             packaging_group_id: config.packaging_group_id.clone(),
             source_role_arn: config.source_role_arn.clone(),
         };
+        let limiter = RateLimiter::new(LimiterConfig {
+            initial_rate: config.initial_rate,
+            max_rate: config.max_rate,
+            ..LimiterConfig::default()
+        });
         Self {
             api,
+            queue: None,
+            limiter,
             config,
             defaults,
         }
+    }
+
+    /// Sets message visibility through `queue` for messages to retry. Without a queue, retried
+    /// messages come back after the queue's own visibility timeout.
+    pub fn with_queue(mut self, queue: impl QueueApi + 'static) -> Self {
+        self.queue = Some(Box::new(queue));
+        self
+    }
+
+    /// The rate limiter shared by every call of this instance.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 
     /// The MediaPackage VOD port.
@@ -172,9 +247,11 @@ impl<A: AssetApi> Ingestor<A> {
         );
         let outcomes = self.process_batch(&records, deadline).await;
         let response = batch_response(&records, &outcomes)?;
+        self.delay_redeliveries(&records, &outcomes).await;
         tracing::info!(
             messages = records.len(),
             redeliver = response.batch_item_failures.len(),
+            rate = self.limiter.stats().rate,
             "batch done"
         );
         Ok(response)
@@ -206,10 +283,13 @@ impl<A: AssetApi> Ingestor<A> {
             .zip(records)
             .map(|(outcome, record)| {
                 outcome.unwrap_or_else(|| {
-                    let outcome = Outcome::Retry(Failure::new(
-                        "DeadlineReached",
-                        "the invocation deadline came before the message was done",
-                    ));
+                    let outcome = Outcome::Retry(
+                        Failure::new(
+                            "DeadlineReached",
+                            "the invocation deadline came before the message was done",
+                        ),
+                        Redelivery::Backoff,
+                    );
                     log_outcome(record.message_id.as_deref(), &outcome);
                     outcome
                 })
@@ -221,22 +301,22 @@ impl<A: AssetApi> Ingestor<A> {
         let message_id = record.message_id.as_deref().unwrap_or("");
         let span = tracing::info_span!("message", message_id, asset_id = field::Empty);
         async move {
-            if Instant::now() + self.config.api_attempt_timeout > hard_stop {
-                let outcome = Outcome::Retry(Failure::new(
-                    "DeadlineReached",
-                    "not started: no time left before the invocation deadline",
-                ));
-                log_outcome(None, &outcome);
-                return outcome;
+            let now = Instant::now();
+            let Some(last_start) = hard_stop.checked_sub(self.config.api_attempt_timeout) else {
+                return not_started();
+            };
+            if now > last_start {
+                return not_started();
             }
-            let work = AssertUnwindSafe(self.process_body(record.body.as_deref()));
+            let latest = last_start.min(now + self.config.permit_wait);
+            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), latest));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Retry(Failure::new("Panic", what))
+                Outcome::Retry(Failure::new("Panic", what), Redelivery::Queue)
             });
             log_outcome(None, &outcome);
             outcome
@@ -245,26 +325,33 @@ impl<A: AssetApi> Ingestor<A> {
         .await
     }
 
-    /// Parses one body and creates its asset.
-    pub async fn process_body(&self, body: Option<&str>) -> Outcome {
+    /// Parses one body and creates its asset, taking request slots no later than `latest`.
+    pub async fn process_body(&self, body: Option<&str>, latest: Instant) -> Outcome {
         match AssetRequest::parse(body.unwrap_or(""), &self.defaults) {
             Ok(request) => {
                 tracing::Span::current().record("asset_id", request.id.as_str());
-                self.create(&request).await
+                self.create(&request, latest).await
             }
             Err(invalid) => Outcome::Permanent(invalid.into()),
         }
     }
 
     /// CreateAsset, with an existing id settled by DescribeAsset: the same source is a
-    /// redelivery after success, another source is a conflict.
-    pub async fn create(&self, request: &AssetRequest) -> Outcome {
-        let refused = match self.api.create_asset(request).await {
+    /// redelivery after success, another source is a conflict. Every call takes a slot from the
+    /// rate limiter no later than `latest`.
+    pub async fn create(&self, request: &AssetRequest, latest: Instant) -> Outcome {
+        let refused = match self
+            .limited(latest, || self.api.create_asset(request))
+            .await
+        {
             Ok(arn) => return Outcome::Created { arn },
-            Err(error) if error.kind == ErrorKind::Unprocessable => error,
-            Err(error) => return Outcome::from_api_error(error),
+            Err(Stop::Api(error)) if error.kind == ErrorKind::Unprocessable => error,
+            Err(stop) => return stop.into_outcome(),
         };
-        match self.api.describe_asset(&request.id).await {
+        match self
+            .limited(latest, || self.api.describe_asset(&request.id))
+            .await
+        {
             Ok(Some(existing)) if existing.source_arn == request.source_arn.as_str() => {
                 Outcome::AlreadyExists
             }
@@ -276,16 +363,158 @@ impl<A: AssetApi> Ingestor<A> {
                 ),
             )),
             Ok(None) => Outcome::Permanent(refused.into()),
-            Err(error) => Outcome::from_api_error(error),
+            Err(stop) => stop.into_outcome(),
         }
     }
+
+    /// Makes `call` through the rate limiter, up to `API_MAX_ATTEMPTS` times while it is
+    /// throttled or fails transiently, and teaches the limiter from each answer. Never sleeps
+    /// past `latest`.
+    async fn limited<T, F, Fut>(&self, latest: Instant, call: F) -> Result<T, Stop>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let mut last = None;
+        for _ in 0..self.config.api_max_attempts {
+            let permit = match self.limiter.acquire(latest).await {
+                Ok(permit) => permit,
+                Err(eta) => return Err(Stop::NoSlot { eta, last }),
+            };
+            match call().await {
+                Ok(value) => {
+                    self.limiter.on_success(&permit);
+                    return Ok(value);
+                }
+                Err(error) => match error.kind {
+                    ErrorKind::Throttled => {
+                        self.limiter.on_throttle(&permit);
+                        last = Some(error);
+                    }
+                    ErrorKind::Transient => last = Some(error),
+                    // Not a rate problem: it must not shrink the rate for other messages.
+                    ErrorKind::QuotaExceeded => return Err(Stop::Api(error)),
+                    _ => {
+                        // The API took the request, so the rate was fine.
+                        self.limiter.on_success(&permit);
+                        return Err(Stop::Api(error));
+                    }
+                },
+            }
+        }
+        Err(Stop::Api(last.expect("at least one attempt")))
+    }
+
+    /// The visibility timeout each message to retry gets, from its [`Redelivery`] and receive
+    /// count; `None` where the queue's own timeout applies. `unit` draws the jitter.
+    pub fn redelivery_delays(
+        &self,
+        records: &[SqsMessage],
+        outcomes: &[Outcome],
+        mut unit: impl FnMut() -> f64,
+    ) -> Vec<Option<i32>> {
+        let backoff = Backoff {
+            base: self.config.redelivery_base,
+            cap: self.config.redelivery_cap,
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        records
+            .iter()
+            .zip(outcomes)
+            .map(|(record, outcome)| {
+                let Outcome::Retry(_, redelivery) = outcome else {
+                    return None;
+                };
+                let attribute = |name: &str| {
+                    record
+                        .attributes
+                        .get(name)
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                let receives = attribute("ApproximateReceiveCount").unwrap_or(1) as u32;
+                let delay = match redelivery {
+                    Redelivery::Queue => return None,
+                    Redelivery::Backoff => backoff.delay(receives, unit()),
+                    Redelivery::After(eta) => (*eta).max(backoff.delay(receives, unit())),
+                    Redelivery::Quota => self.config.quota_redelivery,
+                }
+                .min(crate::backoff::SQS_MAX_VISIBILITY);
+                let first_receive = attribute("ApproximateFirstReceiveTimestamp").unwrap_or(now_ms);
+                let since = Duration::from_millis(now_ms.saturating_sub(first_receive));
+                Some(visibility_seconds(delay, since))
+            })
+            .collect()
+    }
+
+    /// Sets the visibility timeout of every message to retry, so SQS delivers it again when it
+    /// stands a chance. A message whose visibility cannot be changed is still reported: the
+    /// queue's own visibility timeout then applies, and nothing is lost.
+    pub async fn delay_redeliveries(&self, records: &[SqsMessage], outcomes: &[Outcome]) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let delays = self.redelivery_delays(records, outcomes, fastrand::f64);
+        let mut by_queue: BTreeMap<&str, (Vec<VisibilityChange>, Vec<&str>)> = BTreeMap::new();
+        for (record, delay) in records.iter().zip(delays) {
+            let (Some(seconds), Some(arn), Some(receipt_handle)) = (
+                delay,
+                record.event_source_arn.as_deref(),
+                record.receipt_handle.as_deref(),
+            ) else {
+                continue;
+            };
+            let entry = by_queue.entry(arn).or_default();
+            entry.0.push(VisibilityChange {
+                receipt_handle: receipt_handle.to_string(),
+                seconds,
+            });
+            entry.1.push(record.message_id.as_deref().unwrap_or(""));
+        }
+        for (arn, (changes, message_ids)) in by_queue {
+            let results = queue.change_visibility(arn, &changes).await;
+            for ((result, change), message_id) in results.iter().zip(&changes).zip(message_ids) {
+                match result {
+                    Ok(()) => {
+                        tracing::debug!(message_id, seconds = change.seconds, "redelivery delayed")
+                    }
+                    Err(error) => tracing::warn!(
+                        message_id,
+                        code = error.code,
+                        error = error.message,
+                        "could not delay redelivery; the queue's visibility timeout applies"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn not_started() -> Outcome {
+    let outcome = Outcome::Retry(
+        Failure::new(
+            "DeadlineReached",
+            "not started: no time left before the invocation deadline",
+        ),
+        Redelivery::Backoff,
+    );
+    log_outcome(None, &outcome);
+    outcome
 }
 
 fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
     match outcome {
         Outcome::Created { arn } => tracing::info!(arn, message_id, "asset created"),
         Outcome::AlreadyExists => tracing::info!(message_id, "asset already exists"),
-        Outcome::Retry(f) => tracing::warn!(
+        Outcome::Retry(f, Redelivery::Quota) => tracing::error!(
+            code = f.code,
+            reason = f.reason,
+            request_id = f.request_id,
+            message_id,
+            "resource quota exhausted; redelivery in QUOTA_REDELIVERY_SECONDS"
+        ),
+        Outcome::Retry(f, _) => tracing::warn!(
             code = f.code,
             reason = f.reason,
             request_id = f.request_id,
@@ -313,7 +542,10 @@ mod tests {
     }
 
     fn retry() -> Outcome {
-        Outcome::Retry(Failure::new("TooManyRequestsException", "slow down"))
+        Outcome::Retry(
+            Failure::new("TooManyRequestsException", "slow down"),
+            Redelivery::Backoff,
+        )
     }
 
     #[test]
@@ -380,15 +612,15 @@ mod tests {
         let e = |kind| ApiError::local(kind, "X", "m");
         assert!(matches!(
             Outcome::from_api_error(e(ErrorKind::Throttled)),
-            Outcome::Retry(_)
+            Outcome::Retry(_, Redelivery::Backoff)
         ));
         assert!(matches!(
             Outcome::from_api_error(e(ErrorKind::Transient)),
-            Outcome::Retry(_)
+            Outcome::Retry(_, Redelivery::Backoff)
         ));
         assert!(matches!(
             Outcome::from_api_error(e(ErrorKind::QuotaExceeded)),
-            Outcome::Retry(_)
+            Outcome::Retry(_, Redelivery::Quota)
         ));
         assert!(matches!(
             Outcome::from_api_error(e(ErrorKind::Permanent)),

@@ -210,18 +210,14 @@ impl AssetApi for SdkAssetApi {
 }
 
 /// The SDK's retry and timeout settings for MediaPackage VOD, set explicitly rather than left to
-/// the SDK's defaults: standard retries (full jitter) with a bounded number of attempts, a
-/// timeout per attempt and one for the whole operation.
+/// the SDK's defaults. The SDK does not retry (one attempt): retries happen in one layer only,
+/// the ingest loop, where every attempt goes through the rate limiter, so no layer multiplies
+/// another's calls. Each attempt and the whole operation have a timeout.
 pub fn sdk_settings(
-    max_attempts: u32,
-    initial_backoff: Duration,
     attempt_timeout: Duration,
     operation_timeout: Duration,
 ) -> (RetryConfig, TimeoutConfig) {
-    let retry = RetryConfig::standard()
-        .with_max_attempts(max_attempts)
-        .with_initial_backoff(initial_backoff)
-        .with_max_backoff(Duration::from_secs(5).max(initial_backoff));
+    let retry = RetryConfig::standard().with_max_attempts(1);
     let timeout = TimeoutConfig::builder()
         .connect_timeout(Duration::from_millis(3100).min(attempt_timeout))
         .operation_attempt_timeout(attempt_timeout)

@@ -126,6 +126,9 @@ fn bootstrap(runtime_api: &str, endpoint: &str, extra: &[(&str, &str)]) -> Child
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD", endpoint)
+        // Nothing here is retried, so SQS is never called; a closed loopback port keeps it so.
+        .env("AWS_ENDPOINT_URL_SQS", "http://127.0.0.1:9")
+        .env("INITIAL_REQUESTS_PER_SECOND", "100")
         .env("SOURCE_ROLE_ARN", ROLE)
         .env("API_INITIAL_BACKOFF_MS", "5")
         .stdin(Stdio::null())

@@ -28,10 +28,12 @@ pub fn ids(records: &[SqsMessage]) -> Vec<String> {
         .collect()
 }
 
-/// Settings fit for tests: tiny SDK backoff so retries do not sleep for long.
+/// Settings fit for tests: a limiter that starts fast and may wait long for a slot, so a test
+/// sees its retries happen within the invocation.
 pub fn test_config() -> Config {
     Config {
-        api_initial_backoff: Duration::from_millis(5),
+        initial_rate: 50.0,
+        permit_wait: Duration::from_secs(5),
         ..Config::default()
     }
 }
@@ -46,12 +48,7 @@ pub fn own_retry_partition() -> RetryPartition {
 
 /// A real SDK client pointed at `url`, with the function's retry and timeout settings.
 pub fn sdk_client(url: &str, config: &Config) -> aws_sdk_mediapackagevod::Client {
-    let (retry, timeout) = sdk_settings(
-        config.api_max_attempts,
-        config.api_initial_backoff,
-        config.api_attempt_timeout,
-        config.api_timeout,
-    );
+    let (retry, timeout) = sdk_settings(config.api_attempt_timeout, config.api_timeout);
     let conf = aws_sdk_mediapackagevod::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(url)

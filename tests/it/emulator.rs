@@ -130,7 +130,7 @@ async fn a_throttled_backlog_drains_through_redelivery_with_nothing_lost() {
     let first = ingestor.process_batch(&records, far_deadline()).await;
     let throttled = first
         .iter()
-        .filter(|o| matches!(o, Outcome::Retry(f) if f.code == "TooManyRequestsException"))
+        .filter(|o| matches!(o, Outcome::Retry(f, _) if f.code == "TooManyRequestsException"))
         .count();
     assert!(
         throttled > 0,
@@ -195,7 +195,7 @@ async fn an_exhausted_asset_quota_is_retryable_not_permanent() {
     let outcomes = ingestor.process_batch(&records[..2], far_deadline()).await;
     assert!(matches!(outcomes[0], Outcome::Created { .. }));
     assert!(
-        matches!(&outcomes[1], Outcome::Retry(f) if f.reason.contains("Resource limit exceeded")),
+        matches!(&outcomes[1], Outcome::Retry(f, _) if f.reason.contains("Resource limit exceeded")),
         "{outcomes:?}"
     );
 }
@@ -243,7 +243,7 @@ async fn nothing_is_started_when_no_attempt_fits_before_the_deadline() {
     assert!(
         outcomes
             .iter()
-            .all(|o| matches!(o, Outcome::Retry(f) if f.code == "DeadlineReached")),
+            .all(|o| matches!(o, Outcome::Retry(f, _) if f.code == "DeadlineReached")),
         "{outcomes:?}"
     );
     assert_eq!(emulator.stats().requests, 0);

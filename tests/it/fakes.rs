@@ -27,7 +27,7 @@ impl AssetApi for Fake {
         }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         Ok(None)
     }
@@ -50,7 +50,7 @@ async fn a_panic_fails_only_its_own_message() {
         .collect();
     assert_eq!(reported, [ids(&records)[2].clone()]);
     assert!(
-        matches!(&outcomes[2], Outcome::Retry(f) if f.code == "Panic" && f.reason.contains("bug while creating"))
+        matches!(&outcomes[2], Outcome::Retry(f, _) if f.code == "Panic" && f.reason.contains("bug while creating"))
     );
     assert_eq!(
         outcomes

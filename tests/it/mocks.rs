@@ -13,7 +13,7 @@ use mpvod_ingest::ingest::{Ingestor, Outcome};
 use mpvod_ingest::mediapackage::{sdk_settings, SdkAssetApi};
 use mpvod_ingest::message::{AssetRequest, Defaults};
 
-use crate::common::{own_retry_partition, test_config, ROLE};
+use crate::common::{far_deadline, own_retry_partition, test_config, ROLE};
 
 const SOURCE: &str = "arn:aws:s3:::media-masters/show/s01e01/index.m3u8";
 
@@ -41,12 +41,7 @@ fn throttled() -> HttpResponse {
 }
 
 fn ingestor(rules: &[&Rule], config: Config) -> Ingestor<SdkAssetApi> {
-    let (retry, timeout) = sdk_settings(
-        config.api_max_attempts,
-        config.api_initial_backoff,
-        config.api_attempt_timeout,
-        config.api_timeout,
-    );
+    let (retry, timeout) = sdk_settings(config.api_attempt_timeout, config.api_timeout);
     let partition = own_retry_partition();
     let client: Client = mock_client!(aws_sdk_mediapackagevod, RuleMode::MatchAny, rules, |c| c
         .retry_config(retry.clone())
@@ -77,7 +72,9 @@ async fn two_throttles_then_success_creates_the_asset() {
         .times(2)
         .output(created)
         .build();
-    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    let outcome = ingestor(&[&create], test_config())
+        .create(&request(), far_deadline())
+        .await;
     assert!(
         matches!(outcome, Outcome::Created { arn: Some(ref a) } if a.ends_with("/s01e01")),
         "{outcome:?}"
@@ -92,9 +89,11 @@ async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
         .http_response(throttled)
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    let outcome = ingestor(&[&create], test_config())
+        .create(&request(), far_deadline())
+        .await;
     match outcome {
-        Outcome::Retry(f) => {
+        Outcome::Retry(f, _) => {
             assert_eq!(f.code, "TooManyRequestsException");
             assert_eq!(f.request_id.as_deref(), Some("req-1234"));
         }
@@ -121,7 +120,7 @@ async fn an_existing_id_with_the_same_source_is_a_success() {
                 .build()
         });
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request())
+        .create(&request(), far_deadline())
         .await;
     assert_eq!(outcome, Outcome::AlreadyExists);
     assert_eq!(describe.num_calls(), 1);
@@ -143,7 +142,7 @@ async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
             .build()
     });
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request())
+        .create(&request(), far_deadline())
         .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "AssetIdConflict"),
@@ -163,7 +162,7 @@ async fn a_422_for_an_asset_that_does_not_exist_is_permanent() {
     let describe = mock!(Client::describe_asset)
         .then_http_response(|| error_response(404, "NotFoundException", "Asset not found."));
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request())
+        .create(&request(), far_deadline())
         .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "UnprocessableEntityException"),
@@ -184,7 +183,9 @@ async fn a_403_is_permanent_and_not_retried() {
         })
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    let outcome = ingestor(&[&create], test_config())
+        .create(&request(), far_deadline())
+        .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "ForbiddenException"),
         "{outcome:?}"
@@ -199,9 +200,11 @@ async fn server_errors_are_retried_then_reported_for_redelivery() {
         .http_response(|| error_response(503, "ServiceUnavailableException", "unavailable"))
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config()).create(&request()).await;
+    let outcome = ingestor(&[&create], test_config())
+        .create(&request(), far_deadline())
+        .await;
     assert!(
-        matches!(outcome, Outcome::Retry(ref f) if f.code == "ServiceUnavailableException"),
+        matches!(outcome, Outcome::Retry(ref f, _) if f.code == "ServiceUnavailableException"),
         "{outcome:?}"
     );
     assert_eq!(create.num_calls(), 3);
