@@ -33,6 +33,10 @@ lint: venv
 emulator:
 	cargo run --quiet -p mpvod-emulator -- --packaging-group vod-group $(ARGS)
 
+## bench: drain a throttled backlog with this function and the baselines, side by side
+bench:
+	cargo run --release --quiet -p mpvod-bench --bin drain-bench
+
 ## invoke: run the function under cargo lambda watch on EVENT against the emulator
 invoke: venv
 	scripts/invoke.sh $(EVENT)

@@ -109,9 +109,10 @@ pub enum Redelivery {
 enum Stop {
     /// The API answered with an error that another attempt now cannot fix, or attempts ran out.
     Api(ApiError),
-    /// No request slot before the message's wait limit.
+    /// No request slot before the message's wait limit; `eta` is the booked slot, if one was
+    /// booked.
     NoSlot {
-        eta: Duration,
+        eta: Option<Duration>,
         last: Option<ApiError>,
     },
 }
@@ -130,7 +131,7 @@ impl Stop {
                     },
                     Failure::from,
                 ),
-                Redelivery::After(eta),
+                eta.map_or(Redelivery::Backoff, Redelivery::After),
             ),
         }
     }
@@ -236,18 +237,27 @@ impl<A: AssetApi> Ingestor<A> {
         event: LambdaEvent<SqsEvent>,
     ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         let deadline = deadline_instant(event.context.deadline);
-        let records = event.payload.records;
         tracing::info!(
-            messages = records.len(),
+            messages = event.payload.records.len(),
             deadline_ms = event.context.deadline,
             remaining_ms = deadline
                 .saturating_duration_since(Instant::now())
                 .as_millis() as u64,
             "batch received"
         );
-        let outcomes = self.process_batch(&records, deadline).await;
-        let response = batch_response(&records, &outcomes)?;
-        self.delay_redeliveries(&records, &outcomes).await;
+        Ok(self.handle_batch(&event.payload.records, deadline).await?)
+    }
+
+    /// Processes `records`, delays the redelivery of those to retry, and returns the batch
+    /// response: the whole invocation, given its deadline.
+    pub async fn handle_batch(
+        &self,
+        records: &[SqsMessage],
+        deadline: Instant,
+    ) -> Result<SqsBatchResponse, MissingMessageId> {
+        let outcomes = self.process_batch(records, deadline).await;
+        let response = batch_response(records, &outcomes)?;
+        self.delay_redeliveries(records, &outcomes).await;
         tracing::info!(
             messages = records.len(),
             redeliver = response.batch_item_failures.len(),
@@ -265,16 +275,23 @@ impl<A: AssetApi> Ingestor<A> {
             .checked_sub(self.config.deadline_margin)
             .unwrap_or_else(Instant::now);
         let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
-        let work =
-            futures::stream::iter(records.iter().enumerate())
+        // Collected first so the futures have one concrete type, which keeps the whole batch
+        // future `Send` for callers that spawn it.
+        let tasks: Vec<_> =
+            records
+                .iter()
+                .enumerate()
                 .map(|(index, record)| async move {
                     (index, self.process_record(record, hard_stop).await)
                 })
-                .buffer_unordered(self.config.max_concurrency)
-                .for_each(|(index, outcome)| {
-                    outcomes[index] = Some(outcome);
-                    futures::future::ready(())
-                });
+                .collect();
+        let mut running =
+            futures::stream::iter(tasks).buffer_unordered(self.config.max_concurrency);
+        let work = async {
+            while let Some((index, outcome)) = running.next().await {
+                outcomes[index] = Some(outcome);
+            }
+        };
         if tokio::time::timeout_at(hard_stop, work).await.is_err() {
             tracing::warn!("deadline reached; reporting unfinished messages for redelivery");
         }
@@ -308,8 +325,11 @@ impl<A: AssetApi> Ingestor<A> {
             if now > last_start {
                 return not_started();
             }
-            let latest = last_start.min(now + self.config.permit_wait);
-            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), latest));
+            let window = Window {
+                latest: last_start.min(now + self.config.permit_wait),
+                horizon: self.config.redelivery_cap,
+            };
+            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -325,12 +345,12 @@ impl<A: AssetApi> Ingestor<A> {
         .await
     }
 
-    /// Parses one body and creates its asset, taking request slots no later than `latest`.
-    pub async fn process_body(&self, body: Option<&str>, latest: Instant) -> Outcome {
+    /// Parses one body and creates its asset, taking request slots within `window`.
+    pub async fn process_body(&self, body: Option<&str>, window: Window) -> Outcome {
         match AssetRequest::parse(body.unwrap_or(""), &self.defaults) {
             Ok(request) => {
                 tracing::Span::current().record("asset_id", request.id.as_str());
-                self.create(&request, latest).await
+                self.create(&request, window).await
             }
             Err(invalid) => Outcome::Permanent(invalid.into()),
         }
@@ -338,10 +358,10 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// CreateAsset, with an existing id settled by DescribeAsset: the same source is a
     /// redelivery after success, another source is a conflict. Every call takes a slot from the
-    /// rate limiter no later than `latest`.
-    pub async fn create(&self, request: &AssetRequest, latest: Instant) -> Outcome {
+    /// rate limiter within `window`.
+    pub async fn create(&self, request: &AssetRequest, window: Window) -> Outcome {
         let refused = match self
-            .limited(latest, || self.api.create_asset(request))
+            .limited(window, || self.api.create_asset(request))
             .await
         {
             Ok(arn) => return Outcome::Created { arn },
@@ -349,7 +369,7 @@ impl<A: AssetApi> Ingestor<A> {
             Err(stop) => return stop.into_outcome(),
         };
         match self
-            .limited(latest, || self.api.describe_asset(&request.id))
+            .limited(window, || self.api.describe_asset(&request.id))
             .await
         {
             Ok(Some(existing)) if existing.source_arn == request.source_arn.as_str() => {
@@ -369,15 +389,15 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// Makes `call` through the rate limiter, up to `API_MAX_ATTEMPTS` times while it is
     /// throttled or fails transiently, and teaches the limiter from each answer. Never sleeps
-    /// past `latest`.
-    async fn limited<T, F, Fut>(&self, latest: Instant, call: F) -> Result<T, Stop>
+    /// past `window.latest`.
+    async fn limited<T, F, Fut>(&self, window: Window, call: F) -> Result<T, Stop>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let mut last = None;
         for _ in 0..self.config.api_max_attempts {
-            let permit = match self.limiter.acquire(latest).await {
+            let permit = match self.limiter.acquire(window.latest, window.horizon).await {
                 Ok(permit) => permit,
                 Err(eta) => return Err(Stop::NoSlot { eta, last }),
             };
@@ -487,6 +507,25 @@ impl<A: AssetApi> Ingestor<A> {
                     ),
                 }
             }
+        }
+    }
+}
+
+/// How long a message may wait for a request slot, and how far ahead it may be booked.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// The latest moment to start a call.
+    pub latest: Instant,
+    /// The furthest booking: beyond it the message takes the backoff instead.
+    pub horizon: Duration,
+}
+
+impl Window {
+    /// A window for tests and tools: wait until `latest`, book without limit.
+    pub fn until(latest: Instant) -> Self {
+        Self {
+            latest,
+            horizon: crate::backoff::SQS_MAX_VISIBILITY,
         }
     }
 }

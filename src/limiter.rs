@@ -8,9 +8,10 @@
 //!   grows exponentially (e-fold each second) and an unknown quota is found in a few seconds;
 //! - **additive increase**: afterwards each paced success adds `additive / rate`, so the rate
 //!   grows by `additive` requests/s per second while the API accepts;
-//! - **multiplicative decrease**: a 429 multiplies the rate by `decrease`. Only one cut per
-//!   round trip: throttles of calls that were already in flight when the rate was cut are
-//!   ignored, so a burst of 429s from one overshoot does not collapse the rate.
+//! - **multiplicative decrease**: a 429 multiplies the rate by `decrease`, at most once per
+//!   [`CUT_COOL_DOWN`]: throttles of calls sent before the cut, or just after it while the
+//!   quota is still empty, are ignored, so a burst of 429s from one overshoot does not collapse
+//!   the rate.
 //!
 //! Successes only raise the rate when the limiter was actually the constraint (the call had to
 //! wait, or followed the previous one closely), so an idle instance does not inflate its rate.
@@ -26,7 +27,9 @@
 //!
 //! A caller that cannot get a slot before its own deadline is not made to sleep: it gets a
 //! **booking** instead, the time from now at which this instance expects to have room for it,
-//! taken from a booking line that advances at `overbook x rate`. The message is handed back to
+//! taken from a booking line that advances at `overbook` times the rate where the quota was
+//! last found (the rate before the last cut, or the rate now if higher). The message is handed
+//! back to
 //! SQS to come back then, so the queue, not the function, does the waiting. Overbooking a little
 //! keeps the returns at or above what the instance can serve, so a rate learned higher after the
 //! booking is still used; the surplus is simply booked again.
@@ -35,6 +38,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// The least time between two cuts.
+pub const CUT_COOL_DOWN: Duration = Duration::from_secs(1);
 
 /// How the limiter adapts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,7 +75,7 @@ impl Default for LimiterConfig {
 
 /// A slot to call the API, returned by [`RateLimiter::acquire`]. Report how the call went with
 /// [`RateLimiter::on_success`] or [`RateLimiter::on_throttle`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Permit {
     at: Instant,
     paced: bool,
@@ -83,6 +89,8 @@ struct State {
     next_book: Instant,
     last_send: Option<Instant>,
     last_cut: Option<Instant>,
+    /// The rate just before the last cut: where the quota was last found.
+    peak: f64,
 }
 
 /// Counters, for logs and benchmarks.
@@ -115,6 +123,7 @@ impl RateLimiter {
                 next_book: now,
                 last_send: None,
                 last_cut: None,
+                peak: rate,
             }),
         }
     }
@@ -130,8 +139,13 @@ impl RateLimiter {
 
     /// Takes the next slot if it comes no later than `latest`, and returns the slot time
     /// (possibly in the future: wait until then). Otherwise books a later slot and returns how
-    /// long from `now` until it.
-    pub fn reserve(&self, now: Instant, latest: Instant) -> Result<Permit, Duration> {
+    /// long from `now` until it, or `None` without booking if that is beyond `horizon`.
+    pub fn reserve(
+        &self,
+        now: Instant,
+        latest: Instant,
+        horizon: Duration,
+    ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
         let interval = Duration::from_secs_f64(1.0 / state.rate);
         let slot = state.next_send.max(now);
@@ -144,15 +158,24 @@ impl RateLimiter {
             state.last_send = Some(slot);
             return Ok(Permit { at: slot, paced });
         }
+        // Booked at the rate where the quota was last found rather than the rate now, which a
+        // cut may just have halved: AIMD spends its time between the two.
+        let booking_rate = state.rate.max(state.peak) * self.config.overbook;
         let booked = state.next_book.max(slot);
-        state.next_book =
-            booked + Duration::from_secs_f64(1.0 / (state.rate * self.config.overbook));
-        Err(booked - now)
+        if booked - now > horizon {
+            return Err(None);
+        }
+        state.next_book = booked + Duration::from_secs_f64(1.0 / booking_rate);
+        Err(Some(booked - now))
     }
 
     /// Waits for a slot no later than `latest`; see [`RateLimiter::reserve`].
-    pub async fn acquire(&self, latest: Instant) -> Result<Permit, Duration> {
-        let permit = self.reserve(Instant::now(), latest)?;
+    pub async fn acquire(
+        &self,
+        latest: Instant,
+        horizon: Duration,
+    ) -> Result<Permit, Option<Duration>> {
+        let permit = self.reserve(Instant::now(), latest, horizon)?;
         tokio::time::sleep_until(permit.at).await;
         Ok(permit)
     }
@@ -174,10 +197,17 @@ impl RateLimiter {
     /// The call made with `permit` was throttled (429 for the request rate).
     pub fn on_throttle(&self, permit: &Permit) {
         let mut state = self.state.lock().expect("limiter lock");
-        if state.last_cut.is_some_and(|cut| permit.at < cut) {
+        // One cut per cool-down: a throttle of a call sent before the last cut, or within a
+        // second of it, answers for a rate that was already cut. A quota refills over about a
+        // second, so calls right after a cut can still find it empty.
+        if state
+            .last_cut
+            .is_some_and(|cut| permit.at < cut + CUT_COOL_DOWN)
+        {
             return;
         }
         let now = Instant::now();
+        state.peak = state.rate;
         state.rate = clamp(state.rate * self.config.decrease, &self.config);
         state.slow_start = false;
         state.last_cut = Some(now);
@@ -195,6 +225,8 @@ fn clamp(rate: f64, config: &LimiterConfig) -> f64 {
 mod tests {
     use super::*;
 
+    const NO_HORIZON: Duration = Duration::from_secs(3600);
+
     fn limiter(initial_rate: f64) -> RateLimiter {
         RateLimiter::new(LimiterConfig {
             initial_rate,
@@ -209,7 +241,7 @@ mod tests {
         let far = start + Duration::from_secs(60);
         let mut slots = Vec::new();
         for _ in 0..5 {
-            slots.push(limiter.acquire(far).await.unwrap().at - start);
+            slots.push(limiter.acquire(far, NO_HORIZON).await.unwrap().at - start);
         }
         let ms: Vec<u128> = slots.iter().map(|d| d.as_millis()).collect();
         assert_eq!(ms, [0, 250, 500, 750, 1000]);
@@ -220,14 +252,38 @@ mod tests {
         let limiter = limiter(2.0);
         let now = Instant::now();
         let latest = now + Duration::from_millis(600);
-        assert!(limiter.reserve(now, latest).is_ok()); // at 0
-        assert!(limiter.reserve(now, latest).is_ok()); // at 500 ms
+        assert!(limiter.reserve(now, latest, NO_HORIZON).is_ok()); // at 0
+        assert!(limiter.reserve(now, latest, NO_HORIZON).is_ok()); // at 500 ms
         let bookings: Vec<u128> = (0..3)
-            .map(|_| limiter.reserve(now, latest).unwrap_err().as_millis())
+            .map(|_| {
+                limiter
+                    .reserve(now, latest, NO_HORIZON)
+                    .unwrap_err()
+                    .unwrap()
+                    .as_millis()
+            })
             .collect();
         // The booking line starts at the first free slot (1 s) and runs at 1.25 x 2/s.
         assert_eq!(bookings, [1000, 1400, 1800]);
         assert_eq!(Instant::now(), now, "nothing slept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_booked_beyond_the_horizon() {
+        let limiter = limiter(1.0);
+        let now = Instant::now();
+        assert!(limiter.reserve(now, now, Duration::from_secs(2)).is_ok());
+        let horizon = Duration::from_millis(1500);
+        assert_eq!(
+            limiter.reserve(now, now, horizon),
+            Err(Some(Duration::from_secs(1)))
+        );
+        // The next booking would be 1.8 s out: refused, and the line does not move.
+        assert_eq!(limiter.reserve(now, now, horizon), Err(None));
+        assert_eq!(
+            limiter.reserve(now, now, NO_HORIZON),
+            Err(Some(Duration::from_millis(1800)))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -236,7 +292,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(600);
         let start = Instant::now();
         while Instant::now() - start < Duration::from_secs(3) {
-            let p = limiter.acquire(far).await.unwrap();
+            let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
             limiter.on_success(&p);
         }
         let rate = limiter.stats().rate;
@@ -244,7 +300,7 @@ mod tests {
             (15.0..=45.0).contains(&rate),
             "2/s after 3 s of slow start: {rate}"
         );
-        let p = limiter.acquire(far).await.unwrap();
+        let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
         limiter.on_throttle(&p);
         let after = limiter.stats();
         assert!(!after.slow_start);
@@ -256,18 +312,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn throttles_of_calls_in_flight_before_a_cut_cut_only_once() {
+    async fn a_burst_of_throttles_cuts_once_per_cool_down() {
         let limiter = limiter(10.0);
         let far = Instant::now() + Duration::from_secs(60);
         let in_flight: Vec<Permit> = (0..5)
-            .map(|_| limiter.reserve(Instant::now(), far).unwrap())
+            .map(|_| limiter.reserve(Instant::now(), far, NO_HORIZON).unwrap())
             .collect();
         tokio::time::advance(Duration::from_secs(1)).await;
         for p in &in_flight {
             limiter.on_throttle(p);
         }
         assert!((limiter.stats().rate - 5.0).abs() < 1e-9);
-        let later = limiter.acquire(far).await.unwrap();
+        let just_after = limiter.acquire(far, NO_HORIZON).await.unwrap();
+        limiter.on_throttle(&just_after);
+        assert!(
+            (limiter.stats().rate - 5.0).abs() < 1e-9,
+            "within the cool-down"
+        );
+        tokio::time::advance(CUT_COOL_DOWN).await;
+        let later = limiter.acquire(far, NO_HORIZON).await.unwrap();
         limiter.on_throttle(&later);
         assert!((limiter.stats().rate - 2.5).abs() < 1e-9);
     }
@@ -276,12 +339,12 @@ mod tests {
     async fn after_slow_start_the_rate_grows_by_the_additive_step_per_second() {
         let limiter = limiter(10.0);
         let far = Instant::now() + Duration::from_secs(600);
-        let p = limiter.acquire(far).await.unwrap();
+        let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
         tokio::time::advance(Duration::from_millis(1)).await;
         limiter.on_throttle(&p); // leave slow start at 5/s
         let start = Instant::now();
         while Instant::now() - start < Duration::from_secs(10) {
-            let p = limiter.acquire(far).await.unwrap();
+            let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
             limiter.on_success(&p);
         }
         let rate = limiter.stats().rate;
@@ -294,7 +357,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(600);
         for _ in 0..20 {
             tokio::time::advance(Duration::from_secs(2)).await;
-            let p = limiter.acquire(far).await.unwrap();
+            let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
             limiter.on_success(&p);
         }
         assert_eq!(limiter.stats().rate, 5.0);
@@ -310,7 +373,7 @@ mod tests {
         assert_eq!(limiter.stats().rate, 8.0);
         for _ in 0..50 {
             let p = limiter
-                .acquire(Instant::now() + Duration::from_secs(60))
+                .acquire(Instant::now() + Duration::from_secs(60), NO_HORIZON)
                 .await
                 .unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
@@ -345,7 +408,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < end {
                     let p = limiter
-                        .acquire(end + Duration::from_secs(60))
+                        .acquire(end + Duration::from_secs(60), NO_HORIZON)
                         .await
                         .unwrap();
                     tokio::time::sleep(Duration::from_millis(5)).await; // round trip

@@ -5,3 +5,4 @@ mod common;
 mod emulator;
 mod fakes;
 mod mocks;
+mod sqs;

@@ -9,7 +9,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 use mpvod_ingest::config::Config;
-use mpvod_ingest::ingest::{Ingestor, Outcome};
+use mpvod_ingest::ingest::{Ingestor, Outcome, Window};
 use mpvod_ingest::mediapackage::{sdk_settings, SdkAssetApi};
 use mpvod_ingest::message::{AssetRequest, Defaults};
 
@@ -73,7 +73,7 @@ async fn two_throttles_then_success_creates_the_asset() {
         .output(created)
         .build();
     let outcome = ingestor(&[&create], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert!(
         matches!(outcome, Outcome::Created { arn: Some(ref a) } if a.ends_with("/s01e01")),
@@ -90,7 +90,7 @@ async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
         .repeatedly()
         .build();
     let outcome = ingestor(&[&create], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     match outcome {
         Outcome::Retry(f, _) => {
@@ -120,7 +120,7 @@ async fn an_existing_id_with_the_same_source_is_a_success() {
                 .build()
         });
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert_eq!(outcome, Outcome::AlreadyExists);
     assert_eq!(describe.num_calls(), 1);
@@ -142,7 +142,7 @@ async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
             .build()
     });
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "AssetIdConflict"),
@@ -162,7 +162,7 @@ async fn a_422_for_an_asset_that_does_not_exist_is_permanent() {
     let describe = mock!(Client::describe_asset)
         .then_http_response(|| error_response(404, "NotFoundException", "Asset not found."));
     let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "UnprocessableEntityException"),
@@ -184,7 +184,7 @@ async fn a_403_is_permanent_and_not_retried() {
         .repeatedly()
         .build();
     let outcome = ingestor(&[&create], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "ForbiddenException"),
@@ -201,7 +201,7 @@ async fn server_errors_are_retried_then_reported_for_redelivery() {
         .repeatedly()
         .build();
     let outcome = ingestor(&[&create], test_config())
-        .create(&request(), far_deadline())
+        .create(&request(), Window::until(far_deadline()))
         .await;
     assert!(
         matches!(outcome, Outcome::Retry(ref f, _) if f.code == "ServiceUnavailableException"),

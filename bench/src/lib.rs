@@ -1,0 +1,495 @@
+//! The drain benchmark's machinery: an in-memory queue with SQS semantics, an event source
+//! mapping that feeds it to function instances, and the strategies compared.
+//!
+//! The queue keeps what matters for the comparison: a message received becomes invisible for
+//! the visibility timeout, comes back with its `ApproximateReceiveCount` raised unless deleted,
+//! and `ChangeMessageVisibility` moves its return. The mapping runs one poller per instance:
+//! receive up to 10 visible messages, invoke, delete what the response does not list, and bill
+//! the invocation's duration. An invocation that errors or outlives its timeout deletes nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsMessage};
+use aws_sdk_mediapackagevod::config::retry::{RetryConfig, RetryPartition};
+use aws_sdk_mediapackagevod::config::timeout::TimeoutConfig;
+use aws_sdk_mediapackagevod::config::{BehaviorVersion, Credentials, Region};
+use mpvod_ingest::config::Config;
+use mpvod_ingest::ingest::Ingestor;
+use mpvod_ingest::mediapackage::{ErrorKind, SdkAssetApi};
+use mpvod_ingest::message::{AssetRequest, Defaults};
+use mpvod_ingest::sqs::{QueueApi, QueueError, VisibilityChange};
+use tokio::time::Instant;
+
+/// The queue ARN every simulated message carries.
+pub const QUEUE_ARN: &str = "arn:aws:sqs:us-east-1:123456789012:mediapackage-ingest";
+
+struct Message {
+    id: String,
+    body: String,
+    visible_at: Instant,
+    receives: u32,
+    receipt: Option<String>,
+    first_receive_ms: Option<u64>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    messages: BTreeMap<String, Message>,
+    receipts: BTreeMap<String, String>,
+    max_receives: u32,
+    receipt_seq: u64,
+}
+
+/// An in-memory standard queue with SQS visibility semantics.
+pub struct SimQueue {
+    state: Mutex<QueueState>,
+    visibility_timeout: Duration,
+    visibility_changes: AtomicU64,
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SimQueue {
+    /// An empty queue whose received messages stay invisible for `visibility_timeout`.
+    pub fn new(visibility_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(QueueState::default()),
+            visibility_timeout,
+            visibility_changes: AtomicU64::new(0),
+        })
+    }
+
+    /// Enqueues a message.
+    pub fn send(&self, id: impl Into<String>, body: impl Into<String>) {
+        let id = id.into();
+        let mut state = self.state.lock().unwrap();
+        state.messages.insert(
+            id.clone(),
+            Message {
+                id,
+                body: body.into(),
+                visible_at: Instant::now(),
+                receives: 0,
+                receipt: None,
+                first_receive_ms: None,
+            },
+        );
+    }
+
+    /// Receives up to `max` visible messages, oldest-visible first, as Lambda event records.
+    pub fn receive(&self, max: usize) -> Vec<SqsMessage> {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let mut visible: Vec<(Instant, String)> = state
+            .messages
+            .values()
+            .filter(|m| m.visible_at <= now)
+            .map(|m| (m.visible_at, m.id.clone()))
+            .collect();
+        visible.sort();
+        visible.truncate(max);
+        let mut records = Vec::with_capacity(visible.len());
+        for (_, id) in visible {
+            state.receipt_seq += 1;
+            let receipt = format!("rh-{}-{}", id, state.receipt_seq);
+            let vt = self.visibility_timeout;
+            let message = state.messages.get_mut(&id).expect("listed");
+            if let Some(old) = message.receipt.replace(receipt.clone()) {
+                state.receipts.remove(&old);
+            }
+            let message = state.messages.get_mut(&id).expect("listed");
+            message.receives += 1;
+            message.visible_at = now + vt;
+            let first = *message.first_receive_ms.get_or_insert_with(epoch_ms);
+            let mut record = SqsMessage::default();
+            record.message_id = Some(message.id.clone());
+            record.receipt_handle = Some(receipt.clone());
+            record.body = Some(message.body.clone());
+            record.event_source = Some("aws:sqs".into());
+            record.event_source_arn = Some(QUEUE_ARN.into());
+            record.aws_region = Some("us-east-1".into());
+            record.attributes.insert(
+                "ApproximateReceiveCount".into(),
+                message.receives.to_string(),
+            );
+            record
+                .attributes
+                .insert("ApproximateFirstReceiveTimestamp".into(), first.to_string());
+            let receives = message.receives;
+            state.max_receives = state.max_receives.max(receives);
+            state.receipts.insert(receipt, id);
+            records.push(record);
+        }
+        records
+    }
+
+    /// Deletes the message behind `receipt`, if that receipt is still current.
+    pub fn delete(&self, receipt: &str) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(id) = state.receipts.remove(receipt) {
+            state.messages.remove(&id);
+        }
+    }
+
+    /// Messages not yet deleted.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap().messages.len()
+    }
+
+    /// Whether every message was deleted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most times any message was received.
+    pub fn max_receives(&self) -> u32 {
+        self.state.lock().unwrap().max_receives
+    }
+
+    /// ChangeMessageVisibility calls answered.
+    pub fn visibility_changes(&self) -> u64 {
+        self.visibility_changes.load(Ordering::Relaxed)
+    }
+}
+
+/// The function's SQS port, served by the simulated queue.
+pub struct SimQueuePort(pub Arc<SimQueue>);
+
+#[async_trait]
+impl QueueApi for SimQueuePort {
+    async fn change_visibility(
+        &self,
+        _queue_arn: &str,
+        changes: &[VisibilityChange],
+    ) -> Vec<Result<(), QueueError>> {
+        let now = Instant::now();
+        let queue = &self.0;
+        queue
+            .visibility_changes
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        let mut state = queue.state.lock().unwrap();
+        changes
+            .iter()
+            .map(|change| {
+                let id = state.receipts.get(&change.receipt_handle).cloned();
+                match id.and_then(|id| state.messages.get_mut(&id)) {
+                    Some(message) => {
+                        message.visible_at = now + Duration::from_secs(change.seconds as u64);
+                        Ok(())
+                    }
+                    None => Err(QueueError {
+                        code: "ReceiptHandleIsInvalid".into(),
+                        message: "unknown receipt handle".into(),
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One function instance: an invocation takes a batch and a deadline.
+#[async_trait]
+pub trait Function: Send + Sync {
+    /// Handles one batch; `Err` fails the whole invocation.
+    async fn invoke(
+        &self,
+        records: &[SqsMessage],
+        deadline: Instant,
+    ) -> Result<SqsBatchResponse, String>;
+}
+
+/// The event source mapping's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Mapping {
+    /// Records per invocation (10 by default on SQS).
+    pub batch_size: usize,
+    /// The function timeout.
+    pub function_timeout: Duration,
+    /// Give up after this long.
+    pub give_up_after: Duration,
+}
+
+/// What a drain cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainReport {
+    /// From the first poll until the queue was empty (or the give-up time).
+    pub drain_time: Duration,
+    /// Whether the queue was emptied.
+    pub drained: bool,
+    /// Billed function time: the sum of invocation durations, each rounded up to 1 ms.
+    pub billed: Duration,
+    /// Invocations made.
+    pub invocations: u64,
+    /// Invocations that failed or timed out.
+    pub failed_invocations: u64,
+}
+
+/// Feeds `queue` to `instances` the way the Lambda event source mapping does until the queue is
+/// empty, and reports the cost.
+pub async fn drain(
+    queue: Arc<SimQueue>,
+    instances: Vec<Arc<dyn Function>>,
+    mapping: Mapping,
+) -> DrainReport {
+    let start = Instant::now();
+    let stop = start + mapping.give_up_after;
+    let mut pollers = Vec::new();
+    for function in instances {
+        let queue = queue.clone();
+        pollers.push(tokio::spawn(async move {
+            let mut report = DrainReport::default();
+            while !queue.is_empty() && Instant::now() < stop {
+                let records = queue.receive(mapping.batch_size);
+                if records.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                let began = Instant::now();
+                let deadline = began + mapping.function_timeout;
+                let result =
+                    tokio::time::timeout_at(deadline, function.invoke(&records, deadline)).await;
+                let elapsed = began.elapsed();
+                report.billed += Duration::from_millis(elapsed.as_micros().div_ceil(1000) as u64);
+                report.invocations += 1;
+                match result {
+                    Ok(Ok(response)) => {
+                        let failed: HashSet<String> = response
+                            .batch_item_failures
+                            .into_iter()
+                            .map(|f| f.item_identifier)
+                            .collect();
+                        for record in &records {
+                            if !failed.contains(record.message_id.as_deref().unwrap_or("")) {
+                                queue.delete(record.receipt_handle.as_deref().unwrap_or(""));
+                            }
+                        }
+                    }
+                    _ => report.failed_invocations += 1,
+                }
+            }
+            report
+        }));
+    }
+    let ticker = std::env::var("BENCH_TRACE").is_ok().then(|| {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let (left, visible, soonest) = {
+                    let state = queue.state.lock().unwrap();
+                    let now = Instant::now();
+                    let visible = state
+                        .messages
+                        .values()
+                        .filter(|m| m.visible_at <= now)
+                        .count();
+                    let soonest = state
+                        .messages
+                        .values()
+                        .map(|m| m.visible_at.saturating_duration_since(now).as_secs())
+                        .max()
+                        .unwrap_or(0);
+                    (state.messages.len(), visible, soonest)
+                };
+                eprintln!(
+                    "t={:>5.1}s left {left} visible {visible} latest return in {soonest}s",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        })
+    });
+    let mut total = DrainReport::default();
+    for poller in pollers {
+        let report = poller.await.expect("poller");
+        total.billed += report.billed;
+        total.invocations += report.invocations;
+        total.failed_invocations += report.failed_invocations;
+    }
+    total.drain_time = start.elapsed();
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    total.drained = queue.is_empty();
+    total
+}
+
+/// A MediaPackage VOD client for one instance: its own retry partition, as a separate process
+/// would have.
+pub fn client(
+    url: &str,
+    retry: RetryConfig,
+    timeout: Option<TimeoutConfig>,
+    instance: &str,
+) -> aws_sdk_mediapackagevod::Client {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let n = RUN.fetch_add(1, Ordering::Relaxed);
+    let mut conf = aws_sdk_mediapackagevod::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .retry_config(retry)
+        .retry_partition(RetryPartition::new(format!("bench-{instance}-{n}")));
+    if let Some(timeout) = timeout {
+        conf = conf.timeout_config(timeout);
+    }
+    aws_sdk_mediapackagevod::Client::from_conf(conf.build())
+}
+
+/// This project's function, one instance.
+pub struct Ours(pub Ingestor<SdkAssetApi>);
+
+impl Ours {
+    /// An instance with `config`, calling `url`, delaying redeliveries on `queue`.
+    pub fn new(url: &str, queue: Arc<SimQueue>, config: Config, instance: &str) -> Self {
+        let (retry, timeout) = mpvod_ingest::mediapackage::sdk_settings(
+            config.api_attempt_timeout,
+            config.api_timeout,
+        );
+        let client = client(url, retry, Some(timeout), instance);
+        Self(Ingestor::new(SdkAssetApi::new(client), config).with_queue(SimQueuePort(queue)))
+    }
+}
+
+#[async_trait]
+impl Function for Ours {
+    async fn invoke(
+        &self,
+        records: &[SqsMessage],
+        deadline: Instant,
+    ) -> Result<SqsBatchResponse, String> {
+        self.0
+            .handle_batch(records, deadline)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn request(record: &SqsMessage) -> Option<AssetRequest> {
+    AssetRequest::parse(record.body.as_deref().unwrap_or(""), &Defaults::default()).ok()
+}
+
+async fn create(
+    client: &aws_sdk_mediapackagevod::Client,
+    request: &AssetRequest,
+) -> Result<(), ErrorKind> {
+    let result = client
+        .create_asset()
+        .id(request.id.as_str())
+        .packaging_group_id(request.packaging_group_id.as_str())
+        .source_arn(request.source_arn.as_str())
+        .source_role_arn(request.source_role_arn.as_str())
+        .send()
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            let error = mpvod_ingest::mediapackage::ApiError::from(err);
+            // A redelivery after success: the asset is there.
+            if error.kind == ErrorKind::Unprocessable && error.message.contains("already exists") {
+                Ok(())
+            } else {
+                Err(error.kind)
+            }
+        }
+    }
+}
+
+/// The widely copied approach: one message after another; after each
+/// `TooManyRequestsException` sleep `2 * 2^n` seconds, at most 5 retries.
+pub struct SequentialSleep(pub aws_sdk_mediapackagevod::Client);
+
+impl SequentialSleep {
+    /// One instance calling `url`, the SDK's retries off (the loop is the retry).
+    pub fn new(url: &str, instance: &str) -> Self {
+        Self(client(url, RetryConfig::disabled(), None, instance))
+    }
+}
+
+#[async_trait]
+impl Function for SequentialSleep {
+    async fn invoke(
+        &self,
+        records: &[SqsMessage],
+        _deadline: Instant,
+    ) -> Result<SqsBatchResponse, String> {
+        let mut response = SqsBatchResponse::default();
+        for record in records {
+            let Some(request) = request(record) else {
+                response.add_failure(record.message_id.clone().unwrap_or_default());
+                continue;
+            };
+            let mut done = false;
+            for retries in 0..=5u32 {
+                match create(&self.0, &request).await {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err(ErrorKind::Throttled) if retries < 5 => {
+                        tokio::time::sleep(Duration::from_secs(2 * (1 << retries))).await;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !done {
+                response.add_failure(record.message_id.clone().unwrap_or_default());
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// Every message of the batch at once, with the SDK's retries (`RetryConfig` as given: the
+/// default standard mode, or adaptive mode with its CUBIC client-side rate limiter).
+pub struct AllAtOnce(pub aws_sdk_mediapackagevod::Client);
+
+impl AllAtOnce {
+    /// One instance calling `url` with `retry`.
+    pub fn new(url: &str, retry: RetryConfig, instance: &str) -> Self {
+        Self(client(url, retry, None, instance))
+    }
+}
+
+#[async_trait]
+impl Function for AllAtOnce {
+    async fn invoke(
+        &self,
+        records: &[SqsMessage],
+        _deadline: Instant,
+    ) -> Result<SqsBatchResponse, String> {
+        let results = futures::future::join_all(records.iter().map(|record| async move {
+            match request(record) {
+                Some(request) => create(&self.0, &request).await.is_ok(),
+                None => false,
+            }
+        }))
+        .await;
+        let mut response = SqsBatchResponse::default();
+        for (record, ok) in records.iter().zip(results) {
+            if !ok {
+                response.add_failure(record.message_id.clone().unwrap_or_default());
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// A message body for asset `i`.
+pub fn body(i: usize) -> String {
+    serde_json::json!({
+        "id": format!("bench-{i:05}"),
+        "packagingGroupId": "vod-group",
+        "sourceArn": format!("arn:aws:s3:::media-masters/bench/{i:05}/index.m3u8"),
+        "sourceRoleArn": "arn:aws:iam::123456789012:role/MediaPackageVodSourceRead",
+    })
+    .to_string()
+}
