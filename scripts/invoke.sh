@@ -45,7 +45,10 @@ echo "    $url"
 
 port=$(free_port)
 echo "==> starting the function under cargo lambda watch on 127.0.0.1:$port"
-AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD="$url" \
+# There is no SQS here: the sample events' receipt handles belong to no queue. A closed
+# loopback port makes the function's ChangeMessageVisibility calls fail at once (logged as
+# "could not delay redelivery"), and nothing reaches beyond this machine.
+AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD="$url" AWS_ENDPOINT_URL_SQS=http://127.0.0.1:9 \
 AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_EC2_METADATA_DISABLED=true \
 PACKAGING_GROUP_ID="${PACKAGING_GROUP_ID:-vod-group}" \
 SOURCE_ROLE_ARN="${SOURCE_ROLE_ARN:-arn:aws:iam::123456789012:role/MediaPackageVodSourceRead}" \

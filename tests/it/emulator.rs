@@ -248,3 +248,110 @@ async fn nothing_is_started_when_no_attempt_fits_before_the_deadline() {
     );
     assert_eq!(emulator.stats().requests, 0);
 }
+
+#[tokio::test]
+async fn the_real_sdk_drives_every_emulated_operation() {
+    use aws_sdk_mediapackagevod::error::ProvideErrorMetadata;
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let client = sdk_client(&emulator.url(), &test_config());
+
+    let group = client
+        .create_packaging_group()
+        .id("second-group")
+        .send()
+        .await
+        .expect("CreatePackagingGroup");
+    assert_eq!(group.id(), Some("second-group"));
+    let again = client
+        .create_packaging_group()
+        .id("second-group")
+        .send()
+        .await;
+    assert_eq!(
+        again.unwrap_err().code(),
+        Some("UnprocessableEntityException")
+    );
+
+    for i in 0..5 {
+        client
+            .create_asset()
+            .id(format!("a{i}"))
+            .packaging_group_id(if i < 3 { "vod-group" } else { "second-group" })
+            .source_arn(format!("arn:aws:s3:::media-masters/a{i}.m3u8"))
+            .source_role_arn(ROLE)
+            .tags("n", i.to_string())
+            .send()
+            .await
+            .expect("CreateAsset");
+    }
+    let described = client
+        .describe_asset()
+        .id("a1")
+        .send()
+        .await
+        .expect("DescribeAsset");
+    assert_eq!(
+        described.source_arn(),
+        Some("arn:aws:s3:::media-masters/a1.m3u8")
+    );
+    assert_eq!(described.packaging_group_id(), Some("vod-group"));
+    assert_eq!(
+        described
+            .tags()
+            .and_then(|t| t.get("n"))
+            .map(String::as_str),
+        Some("1")
+    );
+    assert!(described.created_at().is_some());
+
+    let first = client
+        .list_assets()
+        .max_results(2)
+        .send()
+        .await
+        .expect("ListAssets");
+    assert_eq!(first.assets().len(), 2);
+    let token = first.next_token().expect("a next page");
+    let rest = client
+        .list_assets()
+        .max_results(10)
+        .next_token(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.assets().len(), 3);
+    assert!(rest.next_token().is_none());
+    let in_group = client
+        .list_assets()
+        .packaging_group_id("second-group")
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<_> = in_group.assets().iter().filter_map(|a| a.id()).collect();
+    assert_eq!(ids, ["a3", "a4"]);
+
+    let pg = client
+        .describe_packaging_group()
+        .id("vod-group")
+        .send()
+        .await
+        .expect("DescribePackagingGroup");
+    assert_eq!(pg.approximate_asset_count(), Some(3));
+
+    client
+        .delete_asset()
+        .id("a0")
+        .send()
+        .await
+        .expect("DeleteAsset");
+    let gone = client.describe_asset().id("a0").send().await.unwrap_err();
+    assert_eq!(gone.code(), Some("NotFoundException"));
+    let missing = client
+        .describe_packaging_group()
+        .id("nope")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Some("NotFoundException"));
+    assert_eq!(emulator.assets().len(), 4);
+}
