@@ -221,15 +221,14 @@ impl RoleArn {
     pub fn parse(value: &str) -> Result<Self, String> {
         let bad =
             || format!("{value:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)");
-        let mut parts = value.splitn(6, ':');
-        let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let Some(Arn {
+            partition,
+            service: "iam",
+            region: "",
+            account,
+            resource,
+        }) = Arn::split(value)
+        else {
             return Err(bad());
         };
         let name = resource.strip_prefix("role/").ok_or_else(bad)?;
@@ -246,6 +245,38 @@ impl RoleArn {
             return Err(bad());
         }
         Ok(Self(value.to_string()))
+    }
+}
+
+/// The six colon-separated fields of an ARN; the resource may contain colons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arn<'a> {
+    /// `aws`, `aws-cn`, ...
+    pub partition: &'a str,
+    /// `iam`, `sqs`, ...
+    pub service: &'a str,
+    /// Empty for global services.
+    pub region: &'a str,
+    /// The account id; empty for S3.
+    pub account: &'a str,
+    /// What follows the account.
+    pub resource: &'a str,
+}
+
+impl<'a> Arn<'a> {
+    /// Splits `arn:partition:service:region:account:resource`.
+    pub fn split(value: &'a str) -> Option<Self> {
+        let mut parts = value.splitn(6, ':');
+        if parts.next()? != "arn" {
+            return None;
+        }
+        Some(Self {
+            partition: parts.next()?,
+            service: parts.next()?,
+            region: parts.next()?,
+            account: parts.next()?,
+            resource: parts.next()?,
+        })
     }
 }
 

@@ -49,19 +49,13 @@ pub trait QueueApi: Send + Sync {
 
 /// The queue name and owner account of an SQS ARN `arn:aws:sqs:region:account:name`.
 pub fn parse_queue_arn(arn: &str) -> Option<(&str, &str)> {
-    let mut parts = arn.split(':');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("arn"), Some(_), Some("sqs"), Some(_), Some(account), Some(name), None)
-            if !account.is_empty() && !name.is_empty() =>
-        {
+    match crate::message::Arn::split(arn)? {
+        crate::message::Arn {
+            service: "sqs",
+            account,
+            resource: name,
+            ..
+        } if !account.is_empty() && !name.is_empty() && !name.contains(':') => {
             Some((name, account))
         }
         _ => None,

@@ -28,6 +28,15 @@ pub fn ids(records: &[SqsMessage]) -> Vec<String> {
         .collect()
 }
 
+/// The item identifiers of a batch response, in order.
+pub fn reported(response: &aws_lambda_events::event::sqs::SqsBatchResponse) -> Vec<String> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect()
+}
+
 /// Settings fit for tests: a limiter that starts fast and may wait long for a slot, so a test
 /// sees its retries happen within the invocation.
 pub fn test_config() -> Config {

@@ -10,7 +10,7 @@ use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::{batch_response, Ingestor, Outcome};
 use mpvod_ingest::mediapackage::SdkAssetApi;
 
-use crate::common::{event, far_deadline, ids, sdk_client, test_config, ROLE};
+use crate::common::{event, far_deadline, ids, reported, sdk_client, test_config, ROLE};
 
 async fn emulator(config: EmulatorConfig) -> RunningEmulator {
     config
@@ -83,11 +83,7 @@ async fn the_mixed_batch_reports_only_its_bad_messages() {
     let records = event("mixed.json").records;
     let outcomes = ingestor.process_batch(&records, far_deadline()).await;
     let response = batch_response(&records, &outcomes).unwrap();
-    let reported: Vec<_> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.clone())
-        .collect();
+    let reported = reported(&response);
     let all = ids(&records);
     assert_eq!(reported, [all[1].clone(), all[2].clone(), all[3].clone()]);
     assert!(matches!(&outcomes[1], Outcome::Permanent(f) if f.code == "InvalidMessage"));

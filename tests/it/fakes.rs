@@ -9,7 +9,7 @@ use mpvod_ingest::ingest::{batch_response, Ingestor, Outcome};
 use mpvod_ingest::mediapackage::{ApiError, AssetApi, ExistingAsset};
 use mpvod_ingest::message::{AssetId, AssetRequest};
 
-use crate::common::{event, far_deadline, ids, test_config};
+use crate::common::{event, far_deadline, ids, reported, test_config};
 
 #[derive(Default)]
 struct Fake {
@@ -43,11 +43,7 @@ async fn a_panic_fails_only_its_own_message() {
     let records = event("batch-10.json").records;
     let outcomes = ingestor.process_batch(&records, far_deadline()).await;
     let response = batch_response(&records, &outcomes).unwrap();
-    let reported: Vec<_> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.clone())
-        .collect();
+    let reported = reported(&response);
     assert_eq!(reported, [ids(&records)[2].clone()]);
     assert!(
         matches!(&outcomes[2], Outcome::Retry(f, _) if f.code == "Panic" && f.reason.contains("bug while creating"))
