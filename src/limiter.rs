@@ -207,7 +207,9 @@ impl RateLimiter {
             return;
         }
         let now = Instant::now();
-        state.peak = state.rate;
+        // A cascade of cuts (the quota still exceeded a second later) must not drag the booking
+        // rate down with it: the peak only decays by a tenth per cut.
+        state.peak = state.rate.max(state.peak * 0.9);
         state.rate = clamp(state.rate * self.config.decrease, &self.config);
         state.slow_start = false;
         state.last_cut = Some(now);
