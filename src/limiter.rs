@@ -28,8 +28,8 @@
 //! A caller that cannot get a slot before its own deadline is not made to sleep: it gets a
 //! **booking** instead, the time from now at which this instance expects to have room for it,
 //! taken from a booking line that advances at `overbook` times the rate where the quota was
-//! last found (the rate before the last cut, or the rate now if higher). The message is handed
-//! back to
+//! last found (the rate before the last cut, decaying by a tenth per further cut, or the rate
+//! now if higher). The message is handed back to
 //! SQS to come back then, so the queue, not the function, does the waiting. Overbooking a little
 //! keeps the returns at or above what the instance can serve, so a rate learned higher after the
 //! booking is still used; the surplus is simply booked again.
