@@ -102,10 +102,7 @@ impl SimQueue {
             let receipt = format!("rh-{}-{}", id, state.receipt_seq);
             let vt = self.visibility_timeout;
             let message = state.messages.get_mut(&id).expect("listed");
-            if let Some(old) = message.receipt.replace(receipt.clone()) {
-                state.receipts.remove(&old);
-            }
-            let message = state.messages.get_mut(&id).expect("listed");
+            let old_receipt = message.receipt.replace(receipt.clone());
             message.receives += 1;
             message.visible_at = now + vt;
             let first = *message.first_receive_ms.get_or_insert_with(epoch_ms);
@@ -124,6 +121,9 @@ impl SimQueue {
                 .attributes
                 .insert("ApproximateFirstReceiveTimestamp".into(), first.to_string());
             let receives = message.receives;
+            if let Some(old) = old_receipt {
+                state.receipts.remove(&old);
+            }
             state.max_receives = state.max_receives.max(receives);
             state.receipts.insert(receipt, id);
             records.push(record);

@@ -50,6 +50,24 @@ fn ingestor(rules: &[&Rule], config: Config) -> Ingestor<SdkAssetApi> {
     Ingestor::new(SdkAssetApi::new(client), config)
 }
 
+/// Runs CreateAsset for `request()` against `rules` with the test settings.
+async fn create_with(rules: &[&Rule]) -> Outcome {
+    ingestor(rules, test_config())
+        .create(&request(), Window::until(far_deadline()))
+        .await
+}
+
+/// CreateAsset refused because the id exists, as the service answers it.
+fn already_exists() -> Rule {
+    mock!(Client::create_asset).then_http_response(|| {
+        error_response(
+            422,
+            "UnprocessableEntityException",
+            "Asset s01e01 already exists.",
+        )
+    })
+}
+
 fn request() -> AssetRequest {
     let body = format!(
         r#"{{"id":"s01e01","packagingGroupId":"vod-group","sourceArn":"{SOURCE}","sourceRoleArn":"{ROLE}"}}"#
@@ -72,9 +90,7 @@ async fn two_throttles_then_success_creates_the_asset() {
         .times(2)
         .output(created)
         .build();
-    let outcome = ingestor(&[&create], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create]).await;
     assert!(
         matches!(outcome, Outcome::Created { arn: Some(ref a) } if a.ends_with("/s01e01")),
         "{outcome:?}"
@@ -89,9 +105,7 @@ async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
         .http_response(throttled)
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create]).await;
     match outcome {
         Outcome::Retry(f, _) => {
             assert_eq!(f.code, "TooManyRequestsException");
@@ -104,13 +118,7 @@ async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
 
 #[tokio::test]
 async fn an_existing_id_with_the_same_source_is_a_success() {
-    let create = mock!(Client::create_asset).then_http_response(|| {
-        error_response(
-            422,
-            "UnprocessableEntityException",
-            "Asset s01e01 already exists.",
-        )
-    });
+    let create = already_exists();
     let describe = mock!(Client::describe_asset)
         .match_requests(|r| r.id() == Some("s01e01"))
         .then_output(|| {
@@ -119,31 +127,21 @@ async fn an_existing_id_with_the_same_source_is_a_success() {
                 .source_arn(SOURCE)
                 .build()
         });
-    let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create, &describe]).await;
     assert_eq!(outcome, Outcome::AlreadyExists);
     assert_eq!(describe.num_calls(), 1);
 }
 
 #[tokio::test]
 async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
-    let create = mock!(Client::create_asset).then_http_response(|| {
-        error_response(
-            422,
-            "UnprocessableEntityException",
-            "Asset s01e01 already exists.",
-        )
-    });
+    let create = already_exists();
     let describe = mock!(Client::describe_asset).then_output(|| {
         DescribeAssetOutput::builder()
             .id("s01e01")
             .source_arn("arn:aws:s3:::other-bucket/other.m3u8")
             .build()
     });
-    let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create, &describe]).await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "AssetIdConflict"),
         "{outcome:?}"
@@ -161,9 +159,7 @@ async fn a_422_for_an_asset_that_does_not_exist_is_permanent() {
     });
     let describe = mock!(Client::describe_asset)
         .then_http_response(|| error_response(404, "NotFoundException", "Asset not found."));
-    let outcome = ingestor(&[&create, &describe], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create, &describe]).await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "UnprocessableEntityException"),
         "{outcome:?}"
@@ -183,9 +179,7 @@ async fn a_403_is_permanent_and_not_retried() {
         })
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create]).await;
     assert!(
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "ForbiddenException"),
         "{outcome:?}"
@@ -200,9 +194,7 @@ async fn server_errors_are_retried_then_reported_for_redelivery() {
         .http_response(|| error_response(503, "ServiceUnavailableException", "unavailable"))
         .repeatedly()
         .build();
-    let outcome = ingestor(&[&create], test_config())
-        .create(&request(), Window::until(far_deadline()))
-        .await;
+    let outcome = create_with(&[&create]).await;
     assert!(
         matches!(outcome, Outcome::Retry(ref f, _) if f.code == "ServiceUnavailableException"),
         "{outcome:?}"
