@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::message::{PackagingGroupId, RoleArn};
+use std::collections::BTreeSet;
+
+use crate::message::{check_bucket, PackagingGroupId, RoleArn, SourcePolicy};
 
 /// Why the configuration is unusable. Each error names the variable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +54,13 @@ pub struct Config {
     /// `QUOTA_REDELIVERY_SECONDS`: the delay for a message refused because a resource quota
     /// is exhausted ("Resource limit exceeded"; default 3600, at most 43200).
     pub quota_redelivery: Duration,
+    /// `ALLOWED_SOURCE_BUCKETS` and `ALLOWED_SOURCE_ROLE_ARNS` (comma-separated): the buckets
+    /// and roles a message may name. Without `ALLOWED_SOURCE_ROLE_ARNS`, only `SOURCE_ROLE_ARN`
+    /// may be used when it is set; without `ALLOWED_SOURCE_BUCKETS`, any bucket.
+    pub policy: SourcePolicy,
+    /// `DEAD_LETTER_QUEUE_URL`: where permanent failures go; by default the source queue's
+    /// `RedrivePolicy` target.
+    pub dead_letter_queue_url: Option<String>,
 }
 
 impl Default for Config {
@@ -70,6 +79,8 @@ impl Default for Config {
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),
+            policy: SourcePolicy::default(),
+            dead_letter_queue_url: None,
         }
     }
 }
@@ -121,6 +132,25 @@ impl Config {
                 defaults.quota_redelivery,
                 0,
             )?,
+            policy: SourcePolicy::default(),
+            dead_letter_queue_url: get("DEAD_LETTER_QUEUE_URL")
+                .map(|v| {
+                    let v = v.trim().to_string();
+                    if v.starts_with("https://") || v.starts_with("http://") {
+                        Ok(v)
+                    } else {
+                        Err(invalid(
+                            "DEAD_LETTER_QUEUE_URL",
+                            &v,
+                            "expected a queue URL (https://sqs.region.amazonaws.com/account/name)",
+                        ))
+                    }
+                })
+                .transpose()?,
+        };
+        let config = Self {
+            policy: policy(&get, config.source_role_arn.as_ref())?,
+            ..config
         };
         if config.redelivery_base > config.redelivery_cap {
             return Err(invalid(
@@ -138,6 +168,59 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+fn list(get: &impl Fn(&str) -> Option<String>, var: &str) -> Option<Vec<String>> {
+    get(var).map(|v| {
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+fn policy(
+    get: &impl Fn(&str) -> Option<String>,
+    source_role_arn: Option<&RoleArn>,
+) -> Result<SourcePolicy, ConfigError> {
+    const BUCKETS: &str = "ALLOWED_SOURCE_BUCKETS";
+    const ROLES: &str = "ALLOWED_SOURCE_ROLE_ARNS";
+    let buckets = list(get, BUCKETS)
+        .map(|names| {
+            names
+                .into_iter()
+                .map(|b| {
+                    check_bucket(&b)
+                        .map(|()| b.clone())
+                        .map_err(|e| invalid(BUCKETS, &b, e))
+                })
+                .collect::<Result<BTreeSet<_>, _>>()
+        })
+        .transpose()?;
+    let roles = match list(get, ROLES) {
+        Some(arns) => {
+            let roles = arns
+                .iter()
+                .map(|a| RoleArn::parse(a).map_err(|e| invalid(ROLES, a, e)))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            if let Some(default) = source_role_arn.filter(|r| !roles.contains(*r)) {
+                return Err(invalid(
+                    ROLES,
+                    &arns.join(","),
+                    format!("does not include SOURCE_ROLE_ARN ({default})"),
+                ));
+            }
+            Some((roles, ROLES))
+        }
+        None => source_role_arn.map(|r| {
+            (
+                BTreeSet::from([r.clone()]),
+                "SOURCE_ROLE_ARN (the only role allowed when ALLOWED_SOURCE_ROLE_ARNS is not set)",
+            )
+        }),
+    };
+    Ok(SourcePolicy { buckets, roles })
 }
 
 fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
@@ -304,5 +387,58 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.var, "API_ATTEMPT_TIMEOUT_MS");
+    }
+
+    const ROLE: &str = "arn:aws:iam::123456789012:role/MediaPackageRead";
+    const OTHER: &str = "arn:aws:iam::123456789012:role/Other";
+
+    #[test]
+    fn the_allow_lists_are_read_and_checked() {
+        let c = config(&[
+            ("ALLOWED_SOURCE_BUCKETS", "media-in, media-archive"),
+            ("ALLOWED_SOURCE_ROLE_ARNS", &format!("{ROLE},{OTHER}")),
+            ("SOURCE_ROLE_ARN", ROLE),
+            (
+                "DEAD_LETTER_QUEUE_URL",
+                "http://127.0.0.1:5000/123456789012/dlq",
+            ),
+        ])
+        .unwrap();
+        let buckets = c.policy.buckets.unwrap();
+        assert!(buckets.contains("media-in") && buckets.contains("media-archive"));
+        assert_eq!(c.policy.roles.unwrap().0.len(), 2);
+        assert_eq!(
+            c.dead_letter_queue_url.as_deref(),
+            Some("http://127.0.0.1:5000/123456789012/dlq")
+        );
+        let bad = |vars: &[(&str, &str)]| config(vars).unwrap_err().var;
+        assert_eq!(
+            bad(&[("ALLOWED_SOURCE_BUCKETS", "Bad_Bucket")]),
+            "ALLOWED_SOURCE_BUCKETS"
+        );
+        assert_eq!(
+            bad(&[("ALLOWED_SOURCE_ROLE_ARNS", "role")]),
+            "ALLOWED_SOURCE_ROLE_ARNS"
+        );
+        assert_eq!(
+            bad(&[
+                ("SOURCE_ROLE_ARN", ROLE),
+                ("ALLOWED_SOURCE_ROLE_ARNS", OTHER)
+            ]),
+            "ALLOWED_SOURCE_ROLE_ARNS"
+        );
+        assert_eq!(
+            bad(&[("DEAD_LETTER_QUEUE_URL", "dlq")]),
+            "DEAD_LETTER_QUEUE_URL"
+        );
+    }
+
+    #[test]
+    fn by_default_only_the_configured_role_may_be_used() {
+        let c = config(&[("SOURCE_ROLE_ARN", ROLE)]).unwrap();
+        let (roles, by) = c.policy.roles.unwrap();
+        assert_eq!(roles.len(), 1);
+        assert!(by.starts_with("SOURCE_ROLE_ARN"));
+        assert_eq!(config(&[]).unwrap().policy, SourcePolicy::default());
     }
 }

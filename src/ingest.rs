@@ -1,8 +1,9 @@
 //! One SQS batch in, one outcome per message, one `SqsBatchResponse` out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
@@ -13,10 +14,11 @@ use tracing::{field, Instrument};
 
 use crate::backoff::{visibility_seconds, Backoff};
 use crate::config::Config;
+use crate::envelope::parse_body;
 use crate::limiter::{LimiterConfig, RateLimiter};
 use crate::mediapackage::{ApiError, AssetApi, ErrorKind};
-use crate::message::{AssetRequest, Defaults, InvalidMessage};
-use crate::sqs::{QueueApi, VisibilityChange};
+use crate::message::{AssetId, AssetRequest, Defaults, InvalidMessage, Refused, SourceArn};
+use crate::sqs::{DeadLetter, QueueApi, VisibilityChange};
 
 /// Why a message did not become an asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +58,12 @@ impl From<InvalidMessage> for Failure {
     }
 }
 
+impl From<Refused> for Failure {
+    fn from(error: Refused) -> Self {
+        Self::new("SourceRefused", error.to_string())
+    }
+}
+
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -66,11 +74,17 @@ pub enum Outcome {
     },
     /// The asset already existed with the same source: a redelivery after success.
     AlreadyExists,
+    /// Nothing to create (an `s3:TestEvent`, objects that are no manifests, other S3 events):
+    /// acknowledged, with the reason.
+    Skipped(String),
+    /// Cannot succeed, and is now in the dead-letter queue with the reason: acknowledged, so
+    /// it costs no more invocations.
+    DeadLettered(Failure),
     /// Not done now; SQS must deliver the message again, after the delay the
     /// [`Redelivery`] says.
     Retry(Failure, Redelivery),
-    /// Cannot succeed as it is. Reported for redelivery, so that the queue's redrive policy
-    /// moves it to the dead-letter queue.
+    /// Cannot succeed as it is, and could not be sent to a dead-letter queue. Reported for
+    /// redelivery, so that the queue's redrive policy moves it there in the end.
     Permanent(Failure),
 }
 
@@ -103,6 +117,9 @@ pub enum Redelivery {
     Quota,
     /// Leave the queue's own visibility timeout in place.
     Queue,
+    /// Visible again at once: a FIFO message kept back behind a failed one of its group, which
+    /// SQS will not deliver before that one anyway.
+    Immediate,
 }
 
 /// Why a rate-limited call stopped.
@@ -267,34 +284,47 @@ impl<A: AssetApi> Ingestor<A> {
         Ok(response)
     }
 
-    /// Processes every record, at most `MAX_CONCURRENCY` at once, and returns one outcome per
-    /// record in record order. Nothing starts unless an API attempt can finish before
-    /// `deadline` minus the margin, and whatever is still running then is cut and reported.
+    /// Processes every record and returns one outcome per record in record order. At most
+    /// `MAX_CONCURRENCY` messages run at once; the messages of one FIFO message group run one
+    /// after another, and after the first failure in a group the rest of that group are kept
+    /// back without calling the API. Two messages for the same asset make one call. Nothing
+    /// starts unless an API attempt can finish before `deadline` minus the margin, and whatever
+    /// is still running then is cut and reported.
     pub async fn process_batch(&self, records: &[SqsMessage], deadline: Instant) -> Vec<Outcome> {
         let hard_stop = deadline
             .checked_sub(self.config.deadline_margin)
             .unwrap_or_else(Instant::now);
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; records.len()];
+        let outcomes: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; records.len()]);
+        let calls = Calls::default();
         // Collected first so the futures have one concrete type, which keeps the whole batch
         // future `Send` for callers that spawn it.
-        let tasks: Vec<_> =
-            records
-                .iter()
-                .enumerate()
-                .map(|(index, record)| async move {
-                    (index, self.process_record(record, hard_stop).await)
-                })
-                .collect();
-        let mut running =
-            futures::stream::iter(tasks).buffer_unordered(self.config.max_concurrency);
-        let work = async {
-            while let Some((index, outcome)) = running.next().await {
-                outcomes[index] = Some(outcome);
-            }
-        };
+        let tasks: Vec<_> = lanes(records)
+            .into_iter()
+            .map(|lane| {
+                let (outcomes, calls) = (&outcomes, &calls);
+                async move {
+                    let mut failed: Option<usize> = None;
+                    for index in lane {
+                        let record = &records[index];
+                        let outcome = match failed {
+                            Some(first) => kept_back(record, &records[first]),
+                            None => self.process_record(record, hard_stop, calls).await,
+                        };
+                        if failed.is_none() && outcome.must_redeliver() {
+                            failed = Some(index);
+                        }
+                        outcomes.lock().expect("outcomes")[index] = Some(outcome);
+                    }
+                }
+            })
+            .collect();
+        let work = futures::stream::iter(tasks)
+            .buffer_unordered(self.config.max_concurrency)
+            .collect::<()>();
         if tokio::time::timeout_at(hard_stop, work).await.is_err() {
             tracing::warn!("deadline reached; reporting unfinished messages for redelivery");
         }
+        let outcomes = outcomes.into_inner().expect("outcomes");
         outcomes
             .into_iter()
             .zip(records)
@@ -314,9 +344,19 @@ impl<A: AssetApi> Ingestor<A> {
             .collect()
     }
 
-    async fn process_record(&self, record: &SqsMessage, hard_stop: Instant) -> Outcome {
+    async fn process_record(
+        &self,
+        record: &SqsMessage,
+        hard_stop: Instant,
+        calls: &Calls,
+    ) -> Outcome {
         let message_id = record.message_id.as_deref().unwrap_or("");
-        let span = tracing::info_span!("message", message_id, asset_id = field::Empty);
+        let span = tracing::info_span!(
+            "message",
+            message_id,
+            envelope = field::Empty,
+            asset_id = field::Empty
+        );
         async move {
             let now = Instant::now();
             let Some(last_start) = hard_stop.checked_sub(self.config.api_attempt_timeout) else {
@@ -329,7 +369,7 @@ impl<A: AssetApi> Ingestor<A> {
                 latest: last_start.min(now + self.config.permit_wait),
                 horizon: self.config.redelivery_cap,
             };
-            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window));
+            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window, calls));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -338,6 +378,7 @@ impl<A: AssetApi> Ingestor<A> {
                     .unwrap_or_else(|| "unknown panic".into());
                 Outcome::Retry(Failure::new("Panic", what), Redelivery::Queue)
             });
+            let outcome = self.dead_letter(record, outcome).await;
             log_outcome(None, &outcome);
             outcome
         }
@@ -345,14 +386,81 @@ impl<A: AssetApi> Ingestor<A> {
         .await
     }
 
-    /// Parses one body and creates its asset, taking request slots within `window`.
-    pub async fn process_body(&self, body: Option<&str>, window: Window) -> Outcome {
-        match AssetRequest::parse(body.unwrap_or(""), &self.defaults) {
-            Ok(request) => {
-                tracing::Span::current().record("asset_id", request.id.as_str());
-                self.create(&request, window).await
+    /// Parses one body of any accepted shape, checks what it asks for against the source
+    /// policy, and creates its assets (one call per distinct asset in the batch), taking request
+    /// slots within `window`. A body naming several assets succeeds or fails as one message.
+    async fn process_body(&self, body: Option<&str>, window: Window, calls: &Calls) -> Outcome {
+        let parsed = match parse_body(body.unwrap_or(""), &self.defaults) {
+            Ok(parsed) => parsed,
+            Err(invalid) => return Outcome::Permanent(invalid.into()),
+        };
+        let span = tracing::Span::current();
+        span.record("envelope", field::display(parsed.envelope));
+        for skipped in &parsed.skipped {
+            tracing::info!(object = skipped.what, reason = skipped.reason, "skipped");
+        }
+        if let Some(refused) = parsed
+            .requests
+            .iter()
+            .find_map(|r| self.config.policy.check(r).err())
+        {
+            return Outcome::Permanent(refused.into());
+        }
+        match parsed.requests.as_slice() {
+            [] => Outcome::Skipped(
+                parsed
+                    .skipped
+                    .iter()
+                    .map(|s| format!("{}: {}", s.what, s.reason))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            [request] => {
+                span.record("asset_id", request.id.as_str());
+                calls.create(self, request, window).await
             }
-            Err(invalid) => Outcome::Permanent(invalid.into()),
+            requests => {
+                let ids: Vec<_> = requests.iter().map(|r| r.id.as_str()).collect();
+                span.record("asset_id", field::display(ids.join(",")));
+                let outcomes = futures::future::join_all(
+                    requests.iter().map(|r| calls.create(self, r, window)),
+                )
+                .await;
+                for (request, outcome) in requests.iter().zip(&outcomes) {
+                    tracing::debug!(asset_id = request.id.as_str(), ?outcome, "one of several");
+                }
+                combine(outcomes)
+            }
+        }
+    }
+
+    /// Sends a permanent failure to the dead-letter queue and acknowledges it; if there is no
+    /// queue port, no dead-letter queue or the send fails, it stays a failure to redeliver.
+    async fn dead_letter(&self, record: &SqsMessage, outcome: Outcome) -> Outcome {
+        let (Outcome::Permanent(failure), Some(queue), Some(queue_arn)) =
+            (&outcome, &self.queue, record.event_source_arn.as_deref())
+        else {
+            return outcome;
+        };
+        let letter = DeadLetter {
+            body: record.body.clone().unwrap_or_default(),
+            message_id: record.message_id.clone().unwrap_or_default(),
+            message_group_id: fifo_group(record).map(str::to_string),
+            receive_count: receive_count(record),
+            code: failure.code.clone(),
+            reason: failure.reason.clone(),
+            request_id: failure.request_id.clone(),
+        };
+        match queue.dead_letter(queue_arn, &letter).await {
+            Ok(()) => Outcome::DeadLettered(failure.clone()),
+            Err(error) => {
+                tracing::warn!(
+                    code = error.code,
+                    error = error.message,
+                    "could not send to the dead-letter queue; reported for redelivery instead"
+                );
+                outcome
+            }
         }
     }
 
@@ -453,9 +561,10 @@ impl<A: AssetApi> Ingestor<A> {
                         .get(name)
                         .and_then(|v| v.parse::<u64>().ok())
                 };
-                let receives = attribute("ApproximateReceiveCount").unwrap_or(1) as u32;
+                let receives = receive_count(record);
                 let delay = match redelivery {
                     Redelivery::Queue => return None,
+                    Redelivery::Immediate => Duration::ZERO,
                     Redelivery::Backoff => backoff.delay(receives, unit()),
                     Redelivery::After(eta) => (*eta).max(backoff.delay(receives, unit())),
                     Redelivery::Quota => self.config.quota_redelivery,
@@ -511,6 +620,102 @@ impl<A: AssetApi> Ingestor<A> {
     }
 }
 
+/// The CreateAsset calls of one batch, one per asset id and source: a second message for the
+/// same asset waits for the first one's outcome and shares it.
+#[derive(Default)]
+struct Calls {
+    cells: Mutex<HashMap<(AssetId, SourceArn), Shared>>,
+}
+
+/// The outcome of one call, set once and read by every message that asked for it.
+type Shared = Arc<tokio::sync::OnceCell<Outcome>>;
+
+impl Calls {
+    async fn create<A: AssetApi>(
+        &self,
+        ingestor: &Ingestor<A>,
+        request: &AssetRequest,
+        window: Window,
+    ) -> Outcome {
+        let cell = self
+            .cells
+            .lock()
+            .expect("calls")
+            .entry((request.id.clone(), request.source_arn.clone()))
+            .or_default()
+            .clone();
+        cell.get_or_init(|| ingestor.create(request, window))
+            .await
+            .clone()
+    }
+}
+
+/// One outcome for a body that named several assets: to retry if any is to retry (the others
+/// are then found existing), else permanent if any is, else done.
+fn combine(outcomes: Vec<Outcome>) -> Outcome {
+    let first = |keep: fn(&Outcome) -> bool| outcomes.iter().find(|o| keep(o)).cloned();
+    first(|o| matches!(o, Outcome::Retry(..)))
+        .or_else(|| first(|o| matches!(o, Outcome::Permanent(_))))
+        .or_else(|| first(|o| matches!(o, Outcome::Created { .. })))
+        .unwrap_or(Outcome::AlreadyExists)
+}
+
+/// The message group of a record from a FIFO queue. Standard queues may carry a
+/// `MessageGroupId` too (fair queues), without any order to keep.
+fn fifo_group(record: &SqsMessage) -> Option<&str> {
+    record
+        .event_source_arn
+        .as_deref()
+        .filter(|arn| arn.ends_with(".fifo"))?;
+    record.attributes.get("MessageGroupId").map(String::as_str)
+}
+
+fn receive_count(record: &SqsMessage) -> u32 {
+    record
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The records as lanes that run concurrently, each in order: one lane per FIFO message
+/// group (in the order the group first appears), one per record otherwise.
+fn lanes(records: &[SqsMessage]) -> Vec<Vec<usize>> {
+    let mut lanes: Vec<Vec<usize>> = Vec::new();
+    let mut by_group: HashMap<(&str, &str), usize> = HashMap::new();
+    for (index, record) in records.iter().enumerate() {
+        let queue = record.event_source_arn.as_deref().unwrap_or("");
+        match fifo_group(record) {
+            Some(group) => match by_group.get(&(queue, group)) {
+                Some(&lane) => lanes[lane].push(index),
+                None => {
+                    by_group.insert((queue, group), lanes.len());
+                    lanes.push(vec![index]);
+                }
+            },
+            None => lanes.push(vec![index]),
+        }
+    }
+    lanes
+}
+
+/// The outcome of a FIFO message kept back because `failed`, earlier in its group, failed.
+fn kept_back(record: &SqsMessage, failed: &SqsMessage) -> Outcome {
+    let outcome = Outcome::Retry(
+        Failure::new(
+            "EarlierMessageFailed",
+            format!(
+                "message {} of group {} failed earlier in this batch; kept back to keep the group's order",
+                failed.message_id.as_deref().unwrap_or("?"),
+                fifo_group(record).unwrap_or("?"),
+            ),
+        ),
+        Redelivery::Immediate,
+    );
+    log_outcome(record.message_id.as_deref(), &outcome);
+    outcome
+}
+
 /// How long a message may wait for a request slot, and how far ahead it may be booked.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
@@ -546,6 +751,14 @@ fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
     match outcome {
         Outcome::Created { arn } => tracing::info!(arn, message_id, "asset created"),
         Outcome::AlreadyExists => tracing::info!(message_id, "asset already exists"),
+        Outcome::Skipped(reason) => tracing::info!(message_id, reason, "nothing to create"),
+        Outcome::DeadLettered(f) => tracing::error!(
+            code = f.code,
+            reason = f.reason,
+            request_id = f.request_id,
+            message_id,
+            "permanent failure; sent to the dead-letter queue"
+        ),
         Outcome::Retry(f, Redelivery::Quota) => tracing::error!(
             code = f.code,
             reason = f.reason,
@@ -669,5 +882,75 @@ mod tests {
             Outcome::from_api_error(e(ErrorKind::NotFound)),
             Outcome::Permanent(_)
         ));
+    }
+
+    fn fifo(id: &str, queue: &str, group: Option<&str>) -> SqsMessage {
+        let mut m = record(Some(id));
+        m.event_source_arn = Some(queue.to_string());
+        if let Some(group) = group {
+            m.attributes
+                .insert("MessageGroupId".to_string(), group.to_string());
+        }
+        m
+    }
+
+    #[test]
+    fn fifo_records_run_in_one_lane_per_group_and_others_alone() {
+        const FIFO: &str = "arn:aws:sqs:us-east-1:123456789012:q.fifo";
+        const STANDARD: &str = "arn:aws:sqs:us-east-1:123456789012:q";
+        let records = [
+            fifo("a1", FIFO, Some("a")),
+            fifo("b1", FIFO, Some("b")),
+            fifo("a2", FIFO, Some("a")),
+            // A standard (fair) queue's group keeps no order.
+            fifo("s1", STANDARD, Some("a")),
+            fifo("s2", STANDARD, Some("a")),
+            fifo("b2", FIFO, Some("b")),
+        ];
+        assert_eq!(lanes(&records), [vec![0, 2], vec![1, 5], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn several_assets_in_one_body_retry_together_if_any_must() {
+        let created = || Outcome::Created { arn: None };
+        let permanent = || Outcome::Permanent(Failure::new("ForbiddenException", "no"));
+        assert_eq!(combine(vec![created(), Outcome::AlreadyExists]), created());
+        assert_eq!(
+            combine(vec![Outcome::AlreadyExists, Outcome::AlreadyExists]),
+            Outcome::AlreadyExists
+        );
+        assert_eq!(combine(vec![created(), permanent()]), permanent());
+        assert_eq!(combine(vec![permanent(), retry(), created()]), retry());
+    }
+
+    #[test]
+    fn a_kept_back_fifo_message_is_visible_again_at_once() {
+        let ingestor = Ingestor::new(NoApi, Config::default());
+        let records = [record(Some("a")), record(Some("b"))];
+        let outcomes = [
+            retry(),
+            Outcome::Retry(
+                Failure::new("EarlierMessageFailed", "x"),
+                Redelivery::Immediate,
+            ),
+        ];
+        let delays = ingestor.redelivery_delays(&records, &outcomes, || 1.0);
+        assert!(delays[0].unwrap() > 0);
+        assert_eq!(delays[1], Some(0));
+    }
+
+    struct NoApi;
+
+    #[async_trait::async_trait]
+    impl AssetApi for NoApi {
+        async fn create_asset(&self, _: &AssetRequest) -> Result<Option<String>, ApiError> {
+            unreachable!("no call expected")
+        }
+        async fn describe_asset(
+            &self,
+            _: &AssetId,
+        ) -> Result<Option<crate::mediapackage::ExistingAsset>, ApiError> {
+            unreachable!("no call expected")
+        }
     }
 }

@@ -13,8 +13,9 @@ async fn main() -> Result<(), Error> {
         Config::from_env().inspect_err(|e| tracing::error!(error = %e, "cold start failed"))?;
     let mediapackage = mpvod_ingest::mediapackage_client(&config).await;
     let sqs = mpvod_ingest::sqs_client().await;
-    let ingestor =
-        Ingestor::new(SdkAssetApi::new(mediapackage), config).with_queue(SdkQueueApi::new(sqs));
+    let queue =
+        SdkQueueApi::new(sqs).with_dead_letter_queue_url(config.dead_letter_queue_url.clone());
+    let ingestor = Ingestor::new(SdkAssetApi::new(mediapackage), config).with_queue(queue);
     let ingestor = &ingestor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {
         ingestor.handle(event).await

@@ -1,7 +1,7 @@
 //! The message contract: an SQS body becomes a validated [`AssetRequest`] at the edge, and no
 //! code past this module checks strings again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Deserialize;
@@ -31,6 +31,9 @@ pub enum InvalidMessage {
     /// A required field is absent and has no configured default.
     #[error("{0} is missing{1}")]
     Missing(&'static str, &'static str),
+    /// A wrapper (S3 event, SNS notification, EventBridge event) is not of its expected shape.
+    #[error("{0}")]
+    Envelope(String),
     /// A field is present but not valid.
     #[error("{field} is invalid: {reason}")]
     Invalid {
@@ -198,7 +201,8 @@ impl SourceArn {
     }
 }
 
-fn check_bucket(bucket: &str) -> Result<(), String> {
+/// Checks an S3 bucket name.
+pub fn check_bucket(bucket: &str) -> Result<(), String> {
     let ok_chars = bucket
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
@@ -289,6 +293,45 @@ pub struct Defaults {
     pub source_role_arn: Option<RoleArn>,
 }
 
+/// Which buckets a message may make MediaPackage read and which roles it may make it assume,
+/// so that a message cannot turn the function into a confused deputy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    /// `ALLOWED_SOURCE_BUCKETS`; `None` allows any bucket.
+    pub buckets: Option<BTreeSet<String>>,
+    /// The roles allowed, and the variable that set them; `None` allows any role.
+    pub roles: Option<(BTreeSet<RoleArn>, &'static str)>,
+}
+
+/// Why a request is refused by the [`SourcePolicy`].
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    /// The source bucket is not allowed.
+    #[error("source bucket {0:?} is not in ALLOWED_SOURCE_BUCKETS")]
+    Bucket(String),
+    /// The role is not allowed.
+    #[error("source role {0} is not allowed by {1}")]
+    Role(String, &'static str),
+}
+
+impl SourcePolicy {
+    /// Checks the bucket and role a request names.
+    pub fn check(&self, request: &AssetRequest) -> Result<(), Refused> {
+        let bucket = request.source_arn.bucket();
+        if let Some(buckets) = &self.buckets {
+            if !buckets.contains(bucket) {
+                return Err(Refused::Bucket(bucket.to_string()));
+            }
+        }
+        if let Some((roles, by)) = &self.roles {
+            if !roles.contains(&request.source_role_arn) {
+                return Err(Refused::Role(request.source_role_arn.to_string(), by));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A checked CreateAsset request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssetRequest {
@@ -318,8 +361,15 @@ struct RawAssetRequest {
     tags: Option<BTreeMap<String, String>>,
 }
 
+/// Whether an object key names a manifest MediaPackage VOD ingests: HLS `.m3u8` or `.smil`
+/// (any case).
+pub fn is_manifest(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.ends_with(".m3u8") || key.ends_with(".smil")
+}
+
 impl AssetRequest {
-    /// Parses and validates one SQS message body.
+    /// Parses and validates one SQS message body holding a direct asset request.
     pub fn parse(body: &str, defaults: &Defaults) -> Result<Self, InvalidMessage> {
         if body.trim().is_empty() {
             return Err(InvalidMessage::Empty);
@@ -327,12 +377,28 @@ impl AssetRequest {
         if body.len() > MAX_BODY_BYTES {
             return Err(InvalidMessage::TooLarge(body.len()));
         }
-        let raw: RawAssetRequest =
+        let value: serde_json::Value =
             serde_json::from_str(body).map_err(|e| InvalidMessage::Malformed(e.to_string()))?;
+        Self::from_value(value, defaults)
+    }
+
+    /// Validates a direct asset request already parsed as JSON.
+    pub fn from_value(
+        value: serde_json::Value,
+        defaults: &Defaults,
+    ) -> Result<Self, InvalidMessage> {
+        let raw: RawAssetRequest =
+            serde_json::from_value(value).map_err(|e| InvalidMessage::Malformed(e.to_string()))?;
         let source_arn = match raw.source_arn {
             Some(v) => SourceArn::parse(&v).map_err(|e| InvalidMessage::invalid("sourceArn", e))?,
             None => return Err(InvalidMessage::Missing("sourceArn", "")),
         };
+        if !is_manifest(source_arn.key()) {
+            return Err(InvalidMessage::invalid(
+                "sourceArn",
+                format!("{source_arn} is not a manifest MediaPackage VOD ingests (.m3u8 or .smil)"),
+            ));
+        }
         let id = match raw.id {
             Some(v) => AssetId::parse(&v).map_err(|e| InvalidMessage::invalid("id", e))?,
             None => AssetId::derive_from(&source_arn),

@@ -1,11 +1,13 @@
-//! The SQS port: setting the visibility timeout of received messages, behind a narrow trait,
-//! and the adapter over `aws-sdk-sqs`.
+//! The SQS port: setting the visibility timeout of received messages and sending permanent
+//! failures to the dead-letter queue, behind a narrow trait, and the adapter over `aws-sdk-sqs`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, MessageAttributeValue, QueueAttributeName,
+};
 
 /// An SQS failure, with the AWS error code when there is one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,9 +37,57 @@ pub struct VisibilityChange {
     pub seconds: i32,
 }
 
+/// A message that cannot succeed, on its way to the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The original body, unchanged.
+    pub body: String,
+    /// The original SQS message id.
+    pub message_id: String,
+    /// The FIFO message group, if the source queue is FIFO.
+    pub message_group_id: Option<String>,
+    /// How many times SQS had delivered it.
+    pub receive_count: u32,
+    /// The error code (`InvalidMessage`, `SourceRefused`, an AWS error code, ...).
+    pub code: String,
+    /// The reason, for people.
+    pub reason: String,
+    /// The AWS request id of the refusal, if it came from an API.
+    pub request_id: Option<String>,
+}
+
+impl DeadLetter {
+    /// The message attributes it carries: `ErrorCode`, `ErrorReason`, `OriginalMessageId`,
+    /// `ReceiveCount`, `SourceQueueArn` and, when known, `RequestId`. SQS allows 10.
+    pub fn attributes(&self, source_queue_arn: &str) -> Vec<(&'static str, String)> {
+        let mut attributes = vec![
+            ("ErrorCode", self.code.clone()),
+            ("ErrorReason", truncate(&self.reason, 1024)),
+            ("OriginalMessageId", self.message_id.clone()),
+            ("ReceiveCount", self.receive_count.to_string()),
+            ("SourceQueueArn", source_queue_arn.to_string()),
+        ];
+        if let Some(id) = &self.request_id {
+            attributes.push(("RequestId", id.clone()));
+        }
+        attributes
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// The SQS calls the function makes.
 #[async_trait]
 pub trait QueueApi: Send + Sync {
+    /// Sends `letter`, received from the queue `queue_arn`, to that queue's dead-letter queue.
+    /// An error means the message is not there and must be redelivered instead.
+    async fn dead_letter(&self, queue_arn: &str, letter: &DeadLetter) -> Result<(), QueueError>;
+
     /// Sets the visibility timeout of messages of the queue `queue_arn`. Returns one result per
     /// change, in order.
     async fn change_visibility(
@@ -67,6 +117,8 @@ pub fn parse_queue_arn(arn: &str) -> Option<(&str, &str)> {
 pub struct SdkQueueApi {
     client: aws_sdk_sqs::Client,
     urls: Mutex<HashMap<String, String>>,
+    dead_letter_urls: Mutex<HashMap<String, String>>,
+    dead_letter_override: Option<String>,
 }
 
 impl SdkQueueApi {
@@ -75,7 +127,69 @@ impl SdkQueueApi {
         Self {
             client,
             urls: Mutex::new(HashMap::new()),
+            dead_letter_urls: Mutex::new(HashMap::new()),
+            dead_letter_override: None,
         }
+    }
+
+    /// Sends every permanent failure to `url` instead of the source queue's redrive target.
+    pub fn with_dead_letter_queue_url(mut self, url: Option<String>) -> Self {
+        self.dead_letter_override = url;
+        self
+    }
+
+    /// The dead-letter queue URL for messages of `queue_arn`: the override if set, else the
+    /// `deadLetterTargetArn` of the queue's `RedrivePolicy`, looked up once and cached. A queue
+    /// without one is asked again next time, so a policy added later is seen.
+    pub async fn dead_letter_queue_url(&self, queue_arn: &str) -> Result<String, QueueError> {
+        if let Some(url) = &self.dead_letter_override {
+            return Ok(url.clone());
+        }
+        if let Some(url) = self
+            .dead_letter_urls
+            .lock()
+            .expect("dlq cache")
+            .get(queue_arn)
+        {
+            return Ok(url.clone());
+        }
+        let source_url = self.queue_url(queue_arn).await?;
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&source_url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let policy = output
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+            .ok_or_else(|| {
+                QueueError::new(
+                    "NoDeadLetterQueue",
+                    format!(
+                        "{queue_arn} has no RedrivePolicy and DEAD_LETTER_QUEUE_URL is not set"
+                    ),
+                )
+            })?;
+        let target = serde_json::from_str::<serde_json::Value>(policy)
+            .ok()
+            .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_string))
+            .ok_or_else(|| {
+                QueueError::new(
+                    "NoDeadLetterQueue",
+                    format!(
+                        "the RedrivePolicy of {queue_arn} names no deadLetterTargetArn: {policy}"
+                    ),
+                )
+            })?;
+        let url = self.queue_url(&target).await?;
+        self.dead_letter_urls
+            .lock()
+            .expect("dlq cache")
+            .insert(queue_arn.to_string(), url.clone());
+        Ok(url)
     }
 
     /// The queue URL for `queue_arn`, from `GetQueueUrl` the first time, cached after.
@@ -122,6 +236,43 @@ where
 
 #[async_trait]
 impl QueueApi for SdkQueueApi {
+    async fn dead_letter(&self, queue_arn: &str, letter: &DeadLetter) -> Result<(), QueueError> {
+        let url = self.dead_letter_queue_url(queue_arn).await?;
+        // SQS refuses an empty body; the attributes say what happened to it.
+        let body = if letter.body.is_empty() {
+            "(empty message body)"
+        } else {
+            &letter.body
+        };
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(&url)
+            .message_body(body);
+        for (name, value) in letter.attributes(queue_arn) {
+            let data_type = if name == "ReceiveCount" {
+                "Number"
+            } else {
+                "String"
+            };
+            let value = MessageAttributeValue::builder()
+                .data_type(data_type)
+                .string_value(value)
+                .build()
+                .expect("data type is set");
+            send = send.message_attributes(name, value);
+        }
+        if url.ends_with(".fifo") {
+            // A FIFO queue's dead-letter queue is FIFO too: keep the group, and let a second
+            // attempt for the same message be deduplicated.
+            send = send
+                .message_group_id(letter.message_group_id.as_deref().unwrap_or("dead-letter"))
+                .message_deduplication_id(&letter.message_id);
+        }
+        send.send().await.map_err(sdk_error)?;
+        Ok(())
+    }
+
     async fn change_visibility(
         &self,
         queue_arn: &str,
@@ -185,6 +336,27 @@ impl QueueApi for SdkQueueApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_carries_its_reason_in_at_most_ten_attributes() {
+        let letter = DeadLetter {
+            body: "{}".into(),
+            message_id: "m-1".into(),
+            message_group_id: None,
+            receive_count: 3,
+            code: "InvalidMessage".into(),
+            reason: "é".repeat(2000),
+            request_id: Some("r-1".into()),
+        };
+        let attributes = letter.attributes("arn:aws:sqs:us-east-1:123456789012:q");
+        assert!(attributes.len() <= 10);
+        let get = |n: &str| attributes.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        assert_eq!(get("ErrorCode"), "InvalidMessage");
+        assert_eq!(get("OriginalMessageId"), "m-1");
+        assert_eq!(get("ReceiveCount"), "3");
+        assert_eq!(get("RequestId"), "r-1");
+        assert_eq!(get("ErrorReason").chars().count(), 1027);
+    }
 
     #[test]
     fn queue_arns_give_name_and_account() {

@@ -21,7 +21,7 @@ use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::Ingestor;
 use mpvod_ingest::mediapackage::{ErrorKind, SdkAssetApi};
 use mpvod_ingest::message::{AssetRequest, Defaults};
-use mpvod_ingest::sqs::{QueueApi, QueueError, VisibilityChange};
+use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
 use tokio::time::Instant;
 
 /// The queue ARN every simulated message carries.
@@ -165,6 +165,15 @@ pub struct SimQueuePort(pub Arc<SimQueue>);
 
 #[async_trait]
 impl QueueApi for SimQueuePort {
+    /// The simulated queue has no dead-letter queue (every benchmark message is valid): a
+    /// permanent failure stays reported, as it would on a queue without a redrive policy.
+    async fn dead_letter(&self, _queue_arn: &str, _letter: &DeadLetter) -> Result<(), QueueError> {
+        Err(QueueError {
+            code: "NoDeadLetterQueue".into(),
+            message: "the simulated queue has no dead-letter queue".into(),
+        })
+    }
+
     async fn change_visibility(
         &self,
         _queue_arn: &str,

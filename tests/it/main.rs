@@ -2,7 +2,9 @@
 
 mod bootstrap;
 mod common;
+mod dead_letter;
 mod emulator;
+mod envelopes;
 mod fakes;
 mod mocks;
 mod sqs;

@@ -17,13 +17,13 @@ use tokio::process::{Child, Command};
 use crate::common::far_deadline;
 
 /// A moto server on 127.0.0.1, stopped when dropped.
-struct Moto {
+pub struct Moto {
     url: String,
     _child: Child,
 }
 
 impl Moto {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let exe = std::env::var("MOTO_SERVER").unwrap_or_else(|_| {
             concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server").to_string()
         });
@@ -60,7 +60,7 @@ impl Moto {
         }
     }
 
-    fn client(&self) -> aws_sdk_sqs::Client {
+    pub fn client(&self) -> aws_sdk_sqs::Client {
         let conf = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .endpoint_url(&self.url)
