@@ -14,7 +14,7 @@ use mpvod_ingest::mediapackage::SdkAssetApi;
 use mpvod_ingest::sqs::SdkQueueApi;
 
 use crate::common::{event, far_deadline, reported, sdk_client, test_config, ROLE};
-use crate::sqs::Moto;
+use crate::sqs::{lambda_record, Moto};
 
 /// Creates `name` (FIFO if it ends in `.fifo`) with extra attributes; returns URL and ARN.
 async fn create_queue(
@@ -90,17 +90,7 @@ async fn send_and_receive(
     assert_eq!(received.len(), messages.len());
     received
         .into_iter()
-        .map(|m| {
-            let mut r = SqsMessage::default();
-            r.message_id = m.message_id;
-            r.receipt_handle = m.receipt_handle;
-            r.body = m.body;
-            r.event_source_arn = Some(arn.to_string());
-            for (k, v) in m.attributes.unwrap_or_default() {
-                r.attributes.insert(k.as_str().to_string(), v);
-            }
-            r
-        })
+        .map(|m| lambda_record(m, arn))
         .collect()
 }
 

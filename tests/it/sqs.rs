@@ -120,19 +120,22 @@ async fn received(
     assert_eq!(messages.len(), bodies.len());
     let records = messages
         .into_iter()
-        .map(|m| {
-            let mut r = SqsMessage::default();
-            r.message_id = m.message_id;
-            r.receipt_handle = m.receipt_handle;
-            r.body = m.body;
-            r.event_source_arn = Some(arn.clone());
-            for (k, v) in m.attributes.unwrap_or_default() {
-                r.attributes.insert(k.as_str().to_string(), v);
-            }
-            r
-        })
+        .map(|m| lambda_record(m, &arn))
         .collect();
     (url, records)
+}
+
+/// A received SQS message as the Lambda event record for queue `arn`.
+pub fn lambda_record(m: aws_sdk_sqs::types::Message, arn: &str) -> SqsMessage {
+    let mut r = SqsMessage::default();
+    r.message_id = m.message_id;
+    r.receipt_handle = m.receipt_handle;
+    r.body = m.body;
+    r.event_source_arn = Some(arn.to_string());
+    for (k, v) in m.attributes.unwrap_or_default() {
+        r.attributes.insert(k.as_str().to_string(), v);
+    }
+    r
 }
 
 async fn visible_now(client: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
