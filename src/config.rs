@@ -44,7 +44,7 @@ pub struct Config {
     /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
     pub max_rate: Option<f64>,
     /// `PERMIT_WAIT_MS`: the most a message waits for a request slot; a message that would
-    /// wait longer goes back to SQS with a delay instead (default 500).
+    /// wait longer goes back to SQS with a delay instead (default 400).
     pub permit_wait: Duration,
     /// `REDELIVERY_BASE_SECONDS`: the first redelivery delay ceiling, doubled with each receive
     /// (full jitter; default 2).
@@ -75,7 +75,7 @@ impl Default for Config {
             api_max_attempts: 3,
             initial_rate: 5.0,
             max_rate: None,
-            permit_wait: Duration::from_millis(500),
+            permit_wait: Duration::from_millis(400),
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),

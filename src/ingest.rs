@@ -110,8 +110,8 @@ impl Outcome {
 pub enum Redelivery {
     /// Exponential backoff with full jitter from the message's receive count.
     Backoff,
-    /// No request slot was free in time: come back when the rate limiter expects room, and no
-    /// sooner than the backoff.
+    /// No request slot was free in time: come back when the rate limiter expects room (booked
+    /// no further ahead than the backoff ceiling for the message's receive count).
     After(Duration),
     /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
     Quota,
@@ -365,9 +365,13 @@ impl<A: AssetApi> Ingestor<A> {
             if now > last_start {
                 return not_started();
             }
+            // A booking reaches no further than the backoff ceiling for this receive: a
+            // message the instance cannot serve soon comes back soon, to be booked again from
+            // what the limiter has learned by then, rather than sitting out a booking made from
+            // a rate that was still being found.
             let window = Window {
                 latest: last_start.min(now + self.config.permit_wait),
-                horizon: self.config.redelivery_cap,
+                horizon: self.backoff().ceiling(receive_count(record)),
             };
             let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window, calls));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
@@ -533,6 +537,13 @@ impl<A: AssetApi> Ingestor<A> {
         Err(Stop::Api(last.expect("at least one attempt")))
     }
 
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.config.redelivery_base,
+            cap: self.config.redelivery_cap,
+        }
+    }
+
     /// The visibility timeout each message to retry gets, from its [`Redelivery`] and receive
     /// count; `None` where the queue's own timeout applies. `unit` draws the jitter.
     pub fn redelivery_delays(
@@ -541,10 +552,7 @@ impl<A: AssetApi> Ingestor<A> {
         outcomes: &[Outcome],
         mut unit: impl FnMut() -> f64,
     ) -> Vec<Option<i32>> {
-        let backoff = Backoff {
-            base: self.config.redelivery_base,
-            cap: self.config.redelivery_cap,
-        };
+        let backoff = self.backoff();
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -566,7 +574,9 @@ impl<A: AssetApi> Ingestor<A> {
                     Redelivery::Queue => return None,
                     Redelivery::Immediate => Duration::ZERO,
                     Redelivery::Backoff => backoff.delay(receives, unit()),
-                    Redelivery::After(eta) => (*eta).max(backoff.delay(receives, unit())),
+                    // The booked slot, as it is: the limiter's estimate of when this instance has
+                    // room, already bounded by the backoff ceiling (see `process_record`).
+                    Redelivery::After(eta) => *eta,
                     Redelivery::Quota => self.config.quota_redelivery,
                 }
                 .min(crate::backoff::SQS_MAX_VISIBILITY);
@@ -937,6 +947,87 @@ mod tests {
         let delays = ingestor.redelivery_delays(&records, &outcomes, || 1.0);
         assert!(delays[0].unwrap() > 0);
         assert_eq!(delays[1], Some(0));
+    }
+
+    /// Creates every asset at once.
+    struct Instant0;
+
+    #[async_trait::async_trait]
+    impl AssetApi for Instant0 {
+        async fn create_asset(&self, _: &AssetRequest) -> Result<Option<String>, ApiError> {
+            Ok(None)
+        }
+        async fn describe_asset(
+            &self,
+            _: &AssetId,
+        ) -> Result<Option<crate::mediapackage::ExistingAsset>, ApiError> {
+            Ok(None)
+        }
+    }
+
+    fn bookings(receives: u32) -> Vec<Redelivery> {
+        let config = Config {
+            initial_rate: 1.0,
+            permit_wait: Duration::ZERO,
+            packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
+            source_role_arn: Some(
+                crate::message::RoleArn::parse("arn:aws:iam::123456789012:role/R").unwrap(),
+            ),
+            ..Config::default()
+        };
+        let ingestor = Ingestor::new(Instant0, config);
+        let records: Vec<SqsMessage> = (0..10)
+            .map(|i| {
+                let mut m = record(Some(&format!("m{i}")));
+                m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
+                m.attributes
+                    .insert("ApproximateReceiveCount".into(), receives.to_string());
+                m
+            })
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let outcomes = runtime
+            .block_on(ingestor.process_batch(&records, Instant::now() + Duration::from_secs(60)));
+        outcomes
+            .into_iter()
+            .filter_map(|o| match o {
+                Outcome::Retry(_, redelivery) => Some(redelivery),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bookings_reach_no_further_than_the_backoff_ceiling_of_the_receive_count() {
+        // At 1 request/s, one message goes now and the others are booked 1 s, 1.8 s, 2.6 s...
+        // apart. A first receive may be booked 2 s ahead at most; the rest take the backoff.
+        let first = bookings(1);
+        assert_eq!(first.len(), 9);
+        let mut booked: Vec<_> = first
+            .iter()
+            .filter_map(|r| match r {
+                Redelivery::After(eta) => Some(eta.as_millis()),
+                _ => None,
+            })
+            .collect();
+        booked.sort();
+        assert_eq!(booked, [1000, 1800]);
+        assert_eq!(
+            first.iter().filter(|r| **r == Redelivery::Backoff).count(),
+            7
+        );
+        // A fourth receive (ceiling 16 s) has every message booked.
+        let fourth = bookings(4);
+        assert!(
+            fourth
+                .iter()
+                .all(|r| matches!(r, Redelivery::After(eta) if *eta <= Duration::from_secs(16))),
+            "{fourth:?}"
+        );
     }
 
     struct NoApi;
