@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::message::{
-    is_manifest, AssetId, AssetRequest, Defaults, InvalidMessage, SourceArn, MAX_BODY_BYTES,
+    is_manifest, json_body, AssetId, AssetRequest, Defaults, InvalidMessage, SourceArn,
 };
 
 /// The most objects one body may name.
@@ -93,14 +93,7 @@ pub struct Parsed {
 
 /// Parses one SQS message body of any accepted shape.
 pub fn parse_body(body: &str, defaults: &Defaults) -> Result<Parsed, InvalidMessage> {
-    if body.trim().is_empty() {
-        return Err(InvalidMessage::Empty);
-    }
-    if body.len() > MAX_BODY_BYTES {
-        return Err(InvalidMessage::TooLarge(body.len()));
-    }
-    let value: Value =
-        serde_json::from_str(body).map_err(|e| InvalidMessage::Malformed(e.to_string()))?;
+    let value = json_body(body)?;
     match shape(&value)? {
         Shape::Sns => {
             let sns: SnsNotification = from_value(value, "SNS notification")?;

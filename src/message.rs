@@ -361,6 +361,18 @@ struct RawAssetRequest {
     tags: Option<BTreeMap<String, String>>,
 }
 
+/// A message body as JSON, after the checks every shape shares: not empty, not over
+/// [`MAX_BODY_BYTES`], well-formed.
+pub fn json_body(body: &str) -> Result<serde_json::Value, InvalidMessage> {
+    if body.trim().is_empty() {
+        return Err(InvalidMessage::Empty);
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(InvalidMessage::TooLarge(body.len()));
+    }
+    serde_json::from_str(body).map_err(|e| InvalidMessage::Malformed(e.to_string()))
+}
+
 /// Whether an object key names a manifest MediaPackage VOD ingests: HLS `.m3u8` or `.smil`
 /// (any case).
 pub fn is_manifest(key: &str) -> bool {
@@ -371,15 +383,7 @@ pub fn is_manifest(key: &str) -> bool {
 impl AssetRequest {
     /// Parses and validates one SQS message body holding a direct asset request.
     pub fn parse(body: &str, defaults: &Defaults) -> Result<Self, InvalidMessage> {
-        if body.trim().is_empty() {
-            return Err(InvalidMessage::Empty);
-        }
-        if body.len() > MAX_BODY_BYTES {
-            return Err(InvalidMessage::TooLarge(body.len()));
-        }
-        let value: serde_json::Value =
-            serde_json::from_str(body).map_err(|e| InvalidMessage::Malformed(e.to_string()))?;
-        Self::from_value(value, defaults)
+        Self::from_value(json_body(body)?, defaults)
     }
 
     /// Validates a direct asset request already parsed as JSON.
