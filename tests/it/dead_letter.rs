@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use aws_lambda_events::event::sqs::SqsMessage;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsMessage};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use mpvod_emulator::{EmulatorConfig, RunningEmulator};
 use mpvod_ingest::config::Config;
@@ -142,22 +142,35 @@ async fn emulator() -> RunningEmulator {
         .unwrap()
 }
 
+/// The bodies of a sample event, with their FIFO message group if they have one.
+fn sample(name: &str) -> Vec<(String, Option<String>)> {
+    event(name)
+        .records
+        .into_iter()
+        .map(|r| (r.body.unwrap(), r.attributes.get("MessageGroupId").cloned()))
+        .collect()
+}
+
+/// One invocation of the function, as `make invoke` configures it, on `records`.
+async fn handle(
+    emulator: &RunningEmulator,
+    client: &aws_sdk_sqs::Client,
+    records: &[SqsMessage],
+) -> SqsBatchResponse {
+    ingestor(emulator, client.clone())
+        .handle_batch(records, far_deadline())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn poison_messages_land_in_the_dead_letter_queue_with_their_reason() {
     let moto = Moto::start().await;
     let client = moto.client();
     let emulator = emulator().await;
     let (url, arn, dlq_url) = queue_with_dead_letter_queue(&client, "ingest").await;
-    let bodies: Vec<_> = event("poison.json")
-        .records
-        .into_iter()
-        .map(|r| (r.body.unwrap(), None))
-        .collect();
-    let records = send_and_receive(&client, &url, &arn, &bodies).await;
-    let response = ingestor(&emulator, client.clone())
-        .handle_batch(&records, far_deadline())
-        .await
-        .unwrap();
+    let records = send_and_receive(&client, &url, &arn, &sample("poison.json")).await;
+    let response = handle(&emulator, &client, &records).await;
 
     // Every message is settled: nothing for SQS to redeliver.
     assert!(reported(&response).is_empty(), "{response:?}");
@@ -225,10 +238,7 @@ async fn without_a_redrive_policy_poison_messages_are_reported_for_redelivery() 
         ),
     ];
     let records = send_and_receive(&client, &url, &arn, &bodies).await;
-    let response = ingestor(&emulator, client.clone())
-        .handle_batch(&records, far_deadline())
-        .await
-        .unwrap();
+    let response = handle(&emulator, &client, &records).await;
     let poison = records
         .iter()
         .find(|r| r.body.as_deref() == Some("{not json"))
@@ -243,16 +253,8 @@ async fn a_fifo_batch_keeps_its_group_order_and_its_poison_goes_to_the_fifo_dead
     let client = moto.client();
     let emulator = emulator().await;
     let (url, arn, dlq_url) = queue_with_dead_letter_queue(&client, "ingest.fifo").await;
-    let messages: Vec<_> = event("fifo.json")
-        .records
-        .into_iter()
-        .map(|r| (r.body.unwrap(), r.attributes.get("MessageGroupId").cloned()))
-        .collect();
-    let records = send_and_receive(&client, &url, &arn, &messages).await;
-    let response = ingestor(&emulator, client.clone())
-        .handle_batch(&records, far_deadline())
-        .await
-        .unwrap();
+    let records = send_and_receive(&client, &url, &arn, &sample("fifo.json")).await;
+    let response = handle(&emulator, &client, &records).await;
 
     assert!(reported(&response).is_empty(), "{response:?}");
     let created: Vec<_> = emulator.assets().into_iter().map(|a| a.id).collect();
