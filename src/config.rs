@@ -43,8 +43,11 @@ pub struct Config {
     pub initial_rate: f64,
     /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
     pub max_rate: Option<f64>,
+    /// `REQUEST_BURST_MS`: how much of its rate, in time, an instance that has been calling
+    /// less than its rate may send at once (default 1000: one second's worth).
+    pub burst: Duration,
     /// `PERMIT_WAIT_MS`: the most a message waits for a request slot; a message that would
-    /// wait longer goes back to SQS with a delay instead (default 400).
+    /// wait longer goes back to SQS with a delay instead (default 200).
     pub permit_wait: Duration,
     /// `REDELIVERY_BASE_SECONDS`: the first redelivery delay ceiling, doubled with each receive
     /// (full jitter; default 2).
@@ -75,7 +78,8 @@ impl Default for Config {
             api_max_attempts: 3,
             initial_rate: 5.0,
             max_rate: None,
-            permit_wait: Duration::from_millis(400),
+            burst: Duration::from_millis(1000),
+            permit_wait: Duration::from_millis(200),
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),
@@ -123,6 +127,7 @@ impl Config {
             initial_rate: rate(&get, "INITIAL_REQUESTS_PER_SECOND")?
                 .unwrap_or(defaults.initial_rate),
             max_rate: rate(&get, "MAX_REQUESTS_PER_SECOND")?,
+            burst: ms("REQUEST_BURST_MS", defaults.burst, 0, 60_000)?,
             permit_wait: ms("PERMIT_WAIT_MS", defaults.permit_wait, 0, 900_000)?,
             redelivery_base: secs(&get, "REDELIVERY_BASE_SECONDS", defaults.redelivery_base, 1)?,
             redelivery_cap: secs(&get, "REDELIVERY_CAP_SECONDS", defaults.redelivery_cap, 1)?,
@@ -310,6 +315,7 @@ mod tests {
             ("INITIAL_REQUESTS_PER_SECOND", "2.5"),
             ("MAX_REQUESTS_PER_SECOND", "40"),
             ("PERMIT_WAIT_MS", "250"),
+            ("REQUEST_BURST_MS", "500"),
             ("REDELIVERY_BASE_SECONDS", "3"),
             ("REDELIVERY_CAP_SECONDS", "600"),
             ("QUOTA_REDELIVERY_SECONDS", "7200"),
@@ -328,6 +334,7 @@ mod tests {
         assert_eq!(c.initial_rate, 2.5);
         assert_eq!(c.max_rate, Some(40.0));
         assert_eq!(c.permit_wait, Duration::from_millis(250));
+        assert_eq!(c.burst, Duration::from_millis(500));
         assert_eq!(c.redelivery_base, Duration::from_secs(3));
         assert_eq!(c.redelivery_cap, Duration::from_secs(600));
         assert_eq!(c.quota_redelivery, Duration::from_secs(7200));

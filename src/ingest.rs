@@ -111,7 +111,7 @@ pub enum Redelivery {
     /// Exponential backoff with full jitter from the message's receive count.
     Backoff,
     /// No request slot was free in time: come back when the rate limiter expects room (booked
-    /// no further ahead than the backoff ceiling for the message's receive count).
+    /// no further ahead than half the backoff ceiling for the message's receive count).
     After(Duration),
     /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
     Quota,
@@ -215,6 +215,7 @@ impl<A: AssetApi> Ingestor<A> {
         let limiter = RateLimiter::new(LimiterConfig {
             initial_rate: config.initial_rate,
             max_rate: config.max_rate,
+            burst: config.burst,
             ..LimiterConfig::default()
         });
         Self {
@@ -365,13 +366,14 @@ impl<A: AssetApi> Ingestor<A> {
             if now > last_start {
                 return not_started();
             }
-            // A booking reaches no further than the backoff ceiling for this receive: a
+            // A booking reaches no further than half the backoff ceiling for this receive: a
             // message the instance cannot serve soon comes back soon, to be booked again from
             // what the limiter has learned by then, rather than sitting out a booking made from
-            // a rate that was still being found.
+            // a rate that was still being found. (Measured: the whole ceiling, or twice it,
+            // drained scenario B of `make bench` later; a quarter of it, later on A.)
             let window = Window {
                 latest: last_start.min(now + self.config.permit_wait),
-                horizon: self.backoff().ceiling(receive_count(record)),
+                horizon: self.backoff().ceiling(receive_count(record)) / 2,
             };
             let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window, calls));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
@@ -968,6 +970,7 @@ mod tests {
     fn bookings(receives: u32) -> Vec<Redelivery> {
         let config = Config {
             initial_rate: 1.0,
+            burst: Duration::ZERO,
             permit_wait: Duration::ZERO,
             packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
             source_role_arn: Some(
@@ -1002,30 +1005,30 @@ mod tests {
     }
 
     #[test]
-    fn bookings_reach_no_further_than_the_backoff_ceiling_of_the_receive_count() {
-        // At 1 request/s, one message goes now and the others are booked 1 s, 1.8 s, 2.6 s...
-        // apart. A first receive may be booked 2 s ahead at most; the rest take the backoff.
+    fn bookings_reach_no_further_than_half_the_backoff_ceiling_of_the_receive_count() {
+        // At 1 request/s, paced strictly, one message goes now (and slow start raises the rate
+        // to 1.5/s) and the others are booked from 1 s on, 0.53 s apart. A first receive
+        // (ceiling 2 s) may be booked 1 s ahead at most; the rest take the backoff.
         let first = bookings(1);
         assert_eq!(first.len(), 9);
-        let mut booked: Vec<_> = first
+        let booked: Vec<_> = first
             .iter()
             .filter_map(|r| match r {
                 Redelivery::After(eta) => Some(eta.as_millis()),
                 _ => None,
             })
             .collect();
-        booked.sort();
-        assert_eq!(booked, [1000, 1800]);
+        assert_eq!(booked, [1000]);
         assert_eq!(
             first.iter().filter(|r| **r == Redelivery::Backoff).count(),
-            7
+            8
         );
-        // A fourth receive (ceiling 16 s) has every message booked.
+        // A fourth receive (ceiling 16 s) has every message booked, within 8 s.
         let fourth = bookings(4);
         assert!(
             fourth
                 .iter()
-                .all(|r| matches!(r, Redelivery::After(eta) if *eta <= Duration::from_secs(16))),
+                .all(|r| matches!(r, Redelivery::After(eta) if *eta <= Duration::from_secs(8))),
             "{fourth:?}"
         );
     }

@@ -1,8 +1,11 @@
 //! The client-side adaptive rate limiter in front of every MediaPackage VOD call.
 //!
 //! One limiter serves every concurrent task of an instance and lives as long as the instance,
-//! so what it learned carries across warm invocations. It paces calls at `rate` per second and
-//! adapts `rate` by AIMD from how the API answers:
+//! so what it learned carries across warm invocations. It is a token bucket (GCRA) filled at
+//! `rate` per second and `burst` deep (one second's worth by default): an instance that has
+//! been calling less than its rate sends what it has at once instead of spacing the calls, so
+//! an invocation is not billed for waiting between them, while over any longer stretch it
+//! stays at `rate`. It adapts `rate` by AIMD from how the API answers:
 //!
 //! - **slow start**: until the first throttle, each paced success adds half a request/s, so the
 //!   rate grows exponentially (e-fold every two seconds) and an unknown quota is found in a few
@@ -15,7 +18,8 @@
 //!   the rate.
 //!
 //! Successes only raise the rate when the limiter was actually the constraint (the call had to
-//! wait, or followed the previous one closely), so an idle instance does not inflate its rate.
+//! wait, or took the bucket's last token), so an instance with little work does not inflate
+//! its rate. A cut also empties the bucket.
 //!
 //! Why AIMD: independent instances sharing one quota converge to equal shares without talking
 //! to each other (Chiu and Jain, 1989): every instance grows by the same amount per second,
@@ -35,7 +39,7 @@
 //! function, does the waiting. Overbooking a little keeps the returns at or above what the
 //! instance can serve, so a rate learned higher after the booking is still used; the surplus is
 //! simply booked again. Nothing is booked beyond the caller's horizon, and a refused booking
-//! does not move the line: the function passes the backoff ceiling of the message's receive
+//! does not move the line: the function passes half the backoff ceiling of the message's receive
 //! count, so bookings made while the rate is still being found stay short, and a message comes
 //! back to be booked again from what has been learned by then.
 
@@ -67,6 +71,9 @@ pub struct LimiterConfig {
     pub slow_start_gain: f64,
     /// The least time between two cuts ([`CUT_COOL_DOWN`]).
     pub cool_down: Duration,
+    /// How much of the rate, in time, may be sent at once after calling less than the rate:
+    /// the token bucket's depth (at least one call).
+    pub burst: Duration,
 }
 
 impl Default for LimiterConfig {
@@ -80,6 +87,7 @@ impl Default for LimiterConfig {
             overbook: 1.25,
             slow_start_gain: 0.5,
             cool_down: CUT_COOL_DOWN,
+            burst: Duration::from_secs(1),
         }
     }
 }
@@ -98,7 +106,6 @@ struct State {
     slow_start: bool,
     next_send: Instant,
     next_book: Instant,
-    last_send: Option<Instant>,
     last_cut: Option<Instant>,
     /// The rate just before the last cut: where the quota was last found.
     peak: f64,
@@ -132,7 +139,6 @@ impl RateLimiter {
                 slow_start: true,
                 next_send: now,
                 next_book: now,
-                last_send: None,
                 last_cut: None,
                 peak: rate,
             }),
@@ -159,14 +165,19 @@ impl RateLimiter {
     ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
         let interval = Duration::from_secs_f64(1.0 / state.rate);
-        let slot = state.next_send.max(now);
+        // GCRA: `next_send` is when the bucket will be full again; a call may go as soon as
+        // it is at most `tolerance` ahead of the time it is sent.
+        let tolerance = self.tolerance(state.rate);
+        let slot = state
+            .next_send
+            .checked_sub(tolerance)
+            .unwrap_or(now)
+            .max(now);
         if slot <= latest {
-            let paced = slot > now
-                || state
-                    .last_send
-                    .is_some_and(|last| now.saturating_duration_since(last) < interval * 2);
-            state.next_send = slot + interval;
-            state.last_send = Some(slot);
+            // The limiter was the constraint if this call waited or took the last token:
+            // only then would calling faster have needed a higher rate.
+            let paced = slot > now || state.next_send + interval > now + tolerance;
+            state.next_send = state.next_send.max(now) + interval;
             return Ok(Permit { at: slot, paced });
         }
         // Booked at the rate where the quota was last found rather than the rate now, which a
@@ -178,6 +189,12 @@ impl RateLimiter {
         }
         state.next_book = booked + Duration::from_secs_f64(1.0 / booking_rate);
         Err(Some(booked - now))
+    }
+
+    /// How far ahead of now `next_send` may be and a call still go at once: the burst less
+    /// one call.
+    fn tolerance(&self, rate: f64) -> Duration {
+        Duration::from_secs_f64((self.config.burst.as_secs_f64() - 1.0 / rate).max(0.0))
     }
 
     /// Waits for a slot no later than `latest`; see [`RateLimiter::reserve`].
@@ -226,7 +243,9 @@ impl RateLimiter {
         state.slow_start = false;
         state.last_cut = Some(now);
         let interval = Duration::from_secs_f64(1.0 / state.rate);
-        state.next_send = state.next_send.max(now + interval);
+        // An empty bucket: the next call waits one interval at the new rate.
+        let empty = now + self.tolerance(state.rate) + interval;
+        state.next_send = state.next_send.max(empty);
     }
 }
 
@@ -241,11 +260,74 @@ mod tests {
 
     const NO_HORIZON: Duration = Duration::from_secs(3600);
 
+    /// A limiter that paces strictly (a bucket one call deep), so slot times are easy to read.
     fn limiter(initial_rate: f64) -> RateLimiter {
+        RateLimiter::new(LimiterConfig {
+            initial_rate,
+            burst: Duration::ZERO,
+            ..LimiterConfig::default()
+        })
+    }
+
+    fn bursty(initial_rate: f64) -> RateLimiter {
         RateLimiter::new(LimiterConfig {
             initial_rate,
             ..LimiterConfig::default()
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_that_called_less_than_its_rate_sends_a_second_worth_at_once() {
+        let limiter = bursty(4.0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        let ms = |permit: Permit| (permit.at - start).as_millis();
+        let first: Vec<u128> = (0..6)
+            .map(|_| ms(limiter.reserve(start, far, NO_HORIZON).unwrap()))
+            .collect();
+        // Four tokens (one second at 4/s) go at once, then one every 250 ms.
+        assert_eq!(first, [0, 0, 0, 0, 250, 500]);
+        // A quiet second refills the bucket, and nothing beyond its depth piles up.
+        tokio::time::advance(Duration::from_secs(2) + Duration::from_millis(500)).await;
+        let now = Instant::now();
+        let again: Vec<u128> = (0..5)
+            .map(|_| ms(limiter.reserve(now, far, NO_HORIZON).unwrap()))
+            .collect();
+        assert_eq!(again, [2500, 2500, 2500, 2500, 2750]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_empties_the_bucket() {
+        let limiter = bursty(4.0);
+        let far = Instant::now() + Duration::from_secs(60);
+        let p = limiter.reserve(Instant::now(), far, NO_HORIZON).unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        limiter.on_throttle(&p);
+        let now = Instant::now();
+        let next = limiter.reserve(now, far, NO_HORIZON).unwrap();
+        // 2/s after the cut: the next call waits one interval, with no burst left.
+        assert_eq!(next.at - now, Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_that_leave_tokens_in_the_bucket_do_not_raise_the_rate() {
+        let limiter = bursty(5.0);
+        let far = Instant::now() + Duration::from_secs(600);
+        // Three calls at once every second: 3/s, within the 5-token bucket and the 5/s rate.
+        for _ in 0..30 {
+            for _ in 0..3 {
+                let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
+                limiter.on_success(&p);
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(limiter.stats().rate, 5.0);
+        // Seven at once take the last token: the limiter was the constraint.
+        for _ in 0..7 {
+            let p = limiter.acquire(far, NO_HORIZON).await.unwrap();
+            limiter.on_success(&p);
+        }
+        assert!(limiter.stats().rate > 5.0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -396,10 +478,19 @@ mod tests {
         assert_eq!(limiter.stats().rate, LimiterConfig::default().min_rate);
     }
 
-    /// Three instances, each with its own limiter, share one API limited to 10 requests/s
-    /// (token bucket, burst 10), each always having work. Simulated in paused time.
     #[tokio::test(start_paused = true)]
     async fn independent_instances_settle_near_a_fair_share_of_an_unknown_quota() {
+        settle_on_a_shared_quota(limiter).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn independent_bursty_instances_settle_near_a_fair_share_too() {
+        settle_on_a_shared_quota(bursty).await;
+    }
+
+    /// Three instances, each with its own limiter, share one API limited to 10 requests/s
+    /// (token bucket, burst 10), each always having work. Simulated in paused time.
+    async fn settle_on_a_shared_quota(limiter: fn(f64) -> RateLimiter) {
         use std::sync::Arc;
         struct Bucket {
             tokens: f64,

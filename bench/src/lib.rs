@@ -251,8 +251,11 @@ pub async fn drain(
     let start = Instant::now();
     let stop = start + mapping.give_up_after;
     let mut pollers = Vec::new();
+    let trace = std::env::var("BENCH_TRACE").is_ok();
+    let histogram: Arc<Mutex<[(u64, usize, f64); 5]>> = Arc::default();
     for function in instances {
         let queue = queue.clone();
+        let histogram = histogram.clone();
         pollers.push(tokio::spawn(async move {
             let mut report = DrainReport::default();
             while !queue.is_empty() && Instant::now() < stop {
@@ -266,6 +269,19 @@ pub async fn drain(
                 let result =
                     tokio::time::timeout_at(deadline, function.invoke(&records, deadline)).await;
                 let elapsed = began.elapsed();
+                if trace {
+                    let bucket = match elapsed.as_millis() {
+                        0..10 => 0,
+                        10..100 => 1,
+                        100..300 => 2,
+                        300..500 => 3,
+                        _ => 4,
+                    };
+                    let mut h = histogram.lock().unwrap();
+                    h[bucket].0 += 1;
+                    h[bucket].1 += records.len();
+                    h[bucket].2 += elapsed.as_secs_f64();
+                }
                 report.billed += Duration::from_millis(elapsed.as_micros().div_ceil(1000) as u64);
                 report.invocations += 1;
                 match result {
@@ -325,6 +341,15 @@ pub async fn drain(
     total.drain_time = start.elapsed();
     if let Some(ticker) = ticker {
         ticker.abort();
+        let h = histogram.lock().unwrap();
+        for (label, (n, records, secs)) in ["<10ms", "10-100ms", "100-300ms", "300-500ms", ">500ms"]
+            .iter()
+            .zip(h.iter())
+        {
+            eprintln!(
+                "invocations {label:>10}: {n:>5}, {records:>5} records, {secs:>7.1} s billed"
+            );
+        }
     }
     total.drained = queue.is_empty();
     total
