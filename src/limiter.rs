@@ -27,8 +27,9 @@
 //! increase instead (the rate growing in proportion to itself) the gap never closes: measured in
 //! the paced simulation of this module's tests, three instances starting at 1, 4 and 12
 //! requests/s on a 10 requests/s quota still took 17%, 60% and 23% of it after three minutes
-//! (measured with a 1 s cool-down), where AIMD, as configured now, gives 29%, 38% and 32% over
-//! the last minute with 2.4% of calls throttled. `make bench` compares the whole function with
+//! (measured with a 1 s cool-down), where AIMD, as configured now, gives 26%, 37% and 36% over
+//! the last minute with 2.8% of calls throttled (35%, 30% and 35%, 2.6%, with a one-second
+//! bucket). `make bench` compares the whole function with
 //! the SDK's own CUBIC limiter (adaptive retry mode).
 //!
 //! A caller that cannot get a slot before its own deadline is not made to sleep: it gets a
