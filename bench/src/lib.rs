@@ -241,6 +241,15 @@ pub struct DrainReport {
     pub failed_invocations: u64,
 }
 
+/// Invocation lengths the trace groups billed time by: below each bound, in milliseconds.
+const LENGTHS: [(u128, &str); 5] = [
+    (10, "<10ms"),
+    (100, "10-100ms"),
+    (300, "100-300ms"),
+    (500, "300-500ms"),
+    (u128::MAX, ">=500ms"),
+];
+
 /// Feeds `queue` to `instances` the way the Lambda event source mapping does until the queue is
 /// empty, and reports the cost.
 pub async fn drain(
@@ -252,7 +261,8 @@ pub async fn drain(
     let stop = start + mapping.give_up_after;
     let mut pollers = Vec::new();
     let trace = std::env::var("BENCH_TRACE").is_ok();
-    let histogram: Arc<Mutex<[(u64, usize, f64); 5]>> = Arc::default();
+    // Under BENCH_TRACE: invocations, records and billed seconds by invocation length.
+    let histogram: Arc<Mutex<[(u64, usize, f64); LENGTHS.len()]>> = Arc::default();
     for function in instances {
         let queue = queue.clone();
         let histogram = histogram.clone();
@@ -270,13 +280,11 @@ pub async fn drain(
                     tokio::time::timeout_at(deadline, function.invoke(&records, deadline)).await;
                 let elapsed = began.elapsed();
                 if trace {
-                    let bucket = match elapsed.as_millis() {
-                        0..10 => 0,
-                        10..100 => 1,
-                        100..300 => 2,
-                        300..500 => 3,
-                        _ => 4,
-                    };
+                    let ms = elapsed.as_millis();
+                    let bucket = LENGTHS
+                        .iter()
+                        .position(|(upto, _)| ms < *upto)
+                        .unwrap_or(LENGTHS.len() - 1);
                     let mut h = histogram.lock().unwrap();
                     h[bucket].0 += 1;
                     h[bucket].1 += records.len();
@@ -342,10 +350,7 @@ pub async fn drain(
     if let Some(ticker) = ticker {
         ticker.abort();
         let h = histogram.lock().unwrap();
-        for (label, (n, records, secs)) in ["<10ms", "10-100ms", "100-300ms", "300-500ms", ">500ms"]
-            .iter()
-            .zip(h.iter())
-        {
+        for ((_, label), (n, records, secs)) in LENGTHS.iter().zip(h.iter()) {
             eprintln!(
                 "invocations {label:>10}: {n:>5}, {records:>5} records, {secs:>7.1} s billed"
             );
