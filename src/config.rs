@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::collections::BTreeSet;
 
+use crate::limiter::LimiterConfig;
 use crate::message::{check_bucket, PackagingGroupId, RoleArn, SourcePolicy};
 
 /// Why the configuration is unusable. Each error names the variable.
@@ -68,6 +69,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let limiter = LimiterConfig::default();
         Self {
             packaging_group_id: None,
             source_role_arn: None,
@@ -76,9 +78,9 @@ impl Default for Config {
             api_timeout: Duration::from_millis(10_000),
             api_attempt_timeout: Duration::from_millis(3000),
             api_max_attempts: 3,
-            initial_rate: 5.0,
-            max_rate: None,
-            burst: Duration::from_millis(1000),
+            initial_rate: limiter.initial_rate,
+            max_rate: limiter.max_rate,
+            burst: limiter.burst,
             permit_wait: Duration::from_millis(200),
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
