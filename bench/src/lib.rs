@@ -24,6 +24,9 @@ use mpvod_ingest::message::{AssetRequest, Defaults};
 use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
 use tokio::time::Instant;
 
+/// Upper bounds, in seconds, of the trace's buckets of return times (the last takes the rest).
+const RETURN_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, f64::INFINITY];
+
 /// The queue ARN every simulated message carries.
 pub const QUEUE_ARN: &str = "arn:aws:sqs:us-east-1:123456789012:mediapackage-ingest";
 
@@ -316,7 +319,7 @@ pub async fn drain(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let (left, visible, soonest) = {
+                let (left, visible, returns) = {
                     let state = queue.state.lock().unwrap();
                     let now = Instant::now();
                     let visible = state
@@ -324,17 +327,30 @@ pub async fn drain(
                         .values()
                         .filter(|m| m.visible_at <= now)
                         .count();
-                    let soonest = state
-                        .messages
-                        .values()
-                        .map(|m| m.visible_at.saturating_duration_since(now).as_secs())
-                        .max()
-                        .unwrap_or(0);
-                    (state.messages.len(), visible, soonest)
+                    // When the invisible messages come back, in doubling buckets of seconds.
+                    let mut returns = [0usize; RETURN_BUCKETS.len()];
+                    for m in state.messages.values().filter(|m| m.visible_at > now) {
+                        let secs = (m.visible_at - now).as_secs_f64();
+                        let bucket = RETURN_BUCKETS
+                            .iter()
+                            .position(|&upper| secs < upper)
+                            .unwrap_or(RETURN_BUCKETS.len() - 1);
+                        returns[bucket] += 1;
+                    }
+                    (state.messages.len(), visible, returns)
                 };
+                let returns: Vec<String> = RETURN_BUCKETS
+                    .iter()
+                    .zip(returns)
+                    .map(|(upper, n)| match upper.is_finite() {
+                        true => format!("<{upper}s:{n}"),
+                        false => format!(">={}s:{n}", RETURN_BUCKETS[RETURN_BUCKETS.len() - 2]),
+                    })
+                    .collect();
                 eprintln!(
-                    "t={:>5.1}s left {left} visible {visible} latest return in {soonest}s",
-                    start.elapsed().as_secs_f64()
+                    "t={:>5.1}s left {left} visible {visible} returning {}",
+                    start.elapsed().as_secs_f64(),
+                    returns.join(" ")
                 );
             }
         })
