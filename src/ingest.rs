@@ -113,6 +113,12 @@ pub enum Redelivery {
     /// No request slot was free in time: come back when the rate limiter expects room (booked
     /// no further ahead than half the backoff ceiling for the message's receive count).
     After(Duration),
+    /// No request slot was free in time and none could be booked within this horizon: come
+    /// back at a random time within it (full jitter, never past the backoff ceiling). Not the
+    /// whole backoff ceiling: the horizon is already the furthest this message should be away,
+    /// and measured on `make bench`, single messages drawn up to twice it (32-45 s ahead on
+    /// scenario B) came back after everything else was done and set the drain time.
+    Within(Duration),
     /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
     Quota,
     /// Leave the queue's own visibility timeout in place.
@@ -126,10 +132,10 @@ pub enum Redelivery {
 enum Stop {
     /// The API answered with an error that another attempt now cannot fix, or attempts ran out.
     Api(ApiError),
-    /// No request slot before the message's wait limit; `eta` is the booked slot, if one was
-    /// booked.
+    /// No request slot before the message's wait limit: `redelivery` is the booked slot, or
+    /// the horizon it could not be booked within.
     NoSlot {
-        eta: Option<Duration>,
+        redelivery: Redelivery,
         last: Option<ApiError>,
     },
 }
@@ -138,7 +144,7 @@ impl Stop {
     fn into_outcome(self) -> Outcome {
         match self {
             Stop::Api(error) => Outcome::from_api_error(error),
-            Stop::NoSlot { eta, last } => Outcome::Retry(
+            Stop::NoSlot { redelivery, last } => Outcome::Retry(
                 last.map_or_else(
                     || {
                         Failure::new(
@@ -148,7 +154,7 @@ impl Stop {
                     },
                     Failure::from,
                 ),
-                eta.map_or(Redelivery::Backoff, Redelivery::After),
+                redelivery,
             ),
         }
     }
@@ -369,8 +375,9 @@ impl<A: AssetApi> Ingestor<A> {
             // A booking reaches no further than half the backoff ceiling for this receive: a
             // message the instance cannot serve soon comes back soon, to be booked again from
             // what the limiter has learned by then, rather than sitting out a booking made from
-            // a rate that was still being found. (Measured: the whole ceiling, or twice it,
-            // drained scenario B of `make bench` later; a quarter of it, later on A.)
+            // a rate that was still being found; one that cannot be booked within it comes back
+            // at a random time within it. (Measured: the whole ceiling, or twice it, drained
+            // scenario B of `make bench` later; a quarter of it, later on A.)
             let window = Window {
                 latest: last_start.min(now + self.config.permit_wait),
                 horizon: self.backoff().ceiling(receive_count(record)) / 2,
@@ -513,7 +520,11 @@ impl<A: AssetApi> Ingestor<A> {
         for _ in 0..self.config.api_max_attempts {
             let permit = match self.limiter.acquire(window.latest, window.horizon).await {
                 Ok(permit) => permit,
-                Err(eta) => return Err(Stop::NoSlot { eta, last }),
+                Err(eta) => {
+                    let redelivery =
+                        eta.map_or(Redelivery::Within(window.horizon), Redelivery::After);
+                    return Err(Stop::NoSlot { redelivery, last });
+                }
             };
             match call().await {
                 Ok(value) => {
@@ -579,6 +590,9 @@ impl<A: AssetApi> Ingestor<A> {
                     // The booked slot, as it is: the limiter's estimate of when this instance has
                     // room, already bounded by the backoff ceiling (see `process_record`).
                     Redelivery::After(eta) => *eta,
+                    Redelivery::Within(horizon) => {
+                        (*horizon).min(backoff.ceiling(receives)).mul_f64(unit())
+                    }
                     Redelivery::Quota => self.config.quota_redelivery,
                 }
                 .min(crate::backoff::SQS_MAX_VISIBILITY);
@@ -733,7 +747,7 @@ fn kept_back(record: &SqsMessage, failed: &SqsMessage) -> Outcome {
 pub struct Window {
     /// The latest moment to start a call.
     pub latest: Instant,
-    /// The furthest booking: beyond it the message takes the backoff instead.
+    /// The furthest booking: beyond it the message comes back at a random time within it.
     pub horizon: Duration,
 }
 
@@ -951,6 +965,36 @@ mod tests {
         assert_eq!(delays[1], Some(0));
     }
 
+    #[test]
+    fn a_message_not_booked_comes_back_within_its_horizon_and_never_past_the_backoff_ceiling() {
+        let ingestor = Ingestor::new(NoApi, Config::default());
+        let mut fifth = record(Some("a"));
+        fifth
+            .attributes
+            .insert("ApproximateReceiveCount".into(), "5".into());
+        let records = [fifth.clone(), fifth];
+        let unbooked = |horizon| {
+            Outcome::Retry(
+                Failure::new("RateLimited", "no slot"),
+                Redelivery::Within(horizon),
+            )
+        };
+        // Fifth receive: backoff ceiling 32 s, so a 16 s horizon bounds the delay and a 12 h
+        // one is held to the ceiling.
+        let outcomes = [
+            unbooked(Duration::from_secs(16)),
+            unbooked(crate::backoff::SQS_MAX_VISIBILITY),
+        ];
+        assert_eq!(
+            ingestor.redelivery_delays(&records, &outcomes, || 0.999),
+            [Some(16), Some(32)]
+        );
+        assert_eq!(
+            ingestor.redelivery_delays(&records, &outcomes, || 0.25),
+            [Some(4), Some(8)]
+        );
+    }
+
     /// Creates every asset at once.
     struct Instant0;
 
@@ -1008,7 +1052,7 @@ mod tests {
     fn bookings_reach_no_further_than_half_the_backoff_ceiling_of_the_receive_count() {
         // At 1 request/s, paced strictly, one message goes now (and slow start raises the rate
         // to 1.5/s) and the others are booked from 1 s on, 0.53 s apart. A first receive
-        // (ceiling 2 s) may be booked 1 s ahead at most; the rest take the backoff.
+        // (ceiling 2 s) may be booked 1 s ahead at most; the rest come back within that 1 s.
         let first = bookings(1);
         assert_eq!(first.len(), 9);
         let booked: Vec<_> = first
@@ -1020,7 +1064,10 @@ mod tests {
             .collect();
         assert_eq!(booked, [1000]);
         assert_eq!(
-            first.iter().filter(|r| **r == Redelivery::Backoff).count(),
+            first
+                .iter()
+                .filter(|r| **r == Redelivery::Within(Duration::from_secs(1)))
+                .count(),
             8
         );
         // A fourth receive (ceiling 16 s) has every message booked, within 8 s.

@@ -42,7 +42,8 @@
 //! simply booked again. Nothing is booked beyond the caller's horizon, and a refused booking
 //! does not move the line: the function passes half the backoff ceiling of the message's receive
 //! count, so bookings made while the rate is still being found stay short, and a message comes
-//! back to be booked again from what has been learned by then.
+//! back to be booked again from what has been learned by then. A message that cannot be booked
+//! within its horizon comes back at a random time within it.
 
 use std::sync::Mutex;
 use std::time::Duration;
