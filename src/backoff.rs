@@ -37,7 +37,14 @@ impl Backoff {
 
     /// Full jitter: a delay drawn uniformly from `[0, ceiling]`, with `unit` in `[0, 1)`.
     pub fn delay(&self, receive_count: u32, unit: f64) -> Duration {
-        self.ceiling(receive_count).mul_f64(unit.clamp(0.0, 1.0))
+        self.delay_within(receive_count, Duration::MAX, unit)
+    }
+
+    /// Full jitter over the ceiling or `limit`, whichever is shorter.
+    pub fn delay_within(&self, receive_count: u32, limit: Duration, unit: f64) -> Duration {
+        self.ceiling(receive_count)
+            .min(limit)
+            .mul_f64(unit.clamp(0.0, 1.0))
     }
 }
 

@@ -590,9 +590,7 @@ impl<A: AssetApi> Ingestor<A> {
                     // The booked slot, as it is: the limiter's estimate of when this instance has
                     // room, already bounded by the backoff ceiling (see `process_record`).
                     Redelivery::After(eta) => *eta,
-                    Redelivery::Within(horizon) => {
-                        (*horizon).min(backoff.ceiling(receives)).mul_f64(unit())
-                    }
+                    Redelivery::Within(horizon) => backoff.delay_within(receives, *horizon, unit()),
                     Redelivery::Quota => self.config.quota_redelivery,
                 }
                 .min(crate::backoff::SQS_MAX_VISIBILITY);

@@ -29,8 +29,8 @@
 //! requests/s on a 10 requests/s quota still took 17%, 60% and 23% of it after three minutes
 //! (measured with a 1 s cool-down), where AIMD, as configured now, gives 26%, 37% and 36% over
 //! the last minute with 2.8% of calls throttled (35%, 30% and 35%, 2.6%, with a one-second
-//! bucket). `make bench` compares the whole function with
-//! the SDK's own CUBIC limiter (adaptive retry mode).
+//! bucket). `make bench` compares the whole function with the SDK's own CUBIC limiter
+//! (adaptive retry mode).
 //!
 //! A caller that cannot get a slot before its own deadline is not made to sleep: it gets a
 //! **booking** instead, the time from now at which this instance expects to have room for it,

@@ -244,6 +244,15 @@ pub struct DrainReport {
     pub failed_invocations: u64,
 }
 
+/// The index of the first of `uppers` (ascending) that `value` is below; the last takes the rest.
+fn bucket<T: PartialOrd>(uppers: impl ExactSizeIterator<Item = T>, value: T) -> usize {
+    let last = uppers.len() - 1;
+    uppers
+        .into_iter()
+        .position(|upper| value < upper)
+        .unwrap_or(last)
+}
+
 /// Invocation lengths the trace groups billed time by: below each bound, in milliseconds.
 const LENGTHS: [(u128, &str); 5] = [
     (10, "<10ms"),
@@ -283,15 +292,11 @@ pub async fn drain(
                     tokio::time::timeout_at(deadline, function.invoke(&records, deadline)).await;
                 let elapsed = began.elapsed();
                 if trace {
-                    let ms = elapsed.as_millis();
-                    let bucket = LENGTHS
-                        .iter()
-                        .position(|(upto, _)| ms < *upto)
-                        .unwrap_or(LENGTHS.len() - 1);
+                    let b = bucket(LENGTHS.iter().map(|(upto, _)| *upto), elapsed.as_millis());
                     let mut h = histogram.lock().unwrap();
-                    h[bucket].0 += 1;
-                    h[bucket].1 += records.len();
-                    h[bucket].2 += elapsed.as_secs_f64();
+                    h[b].0 += 1;
+                    h[b].1 += records.len();
+                    h[b].2 += elapsed.as_secs_f64();
                 }
                 report.billed += Duration::from_millis(elapsed.as_micros().div_ceil(1000) as u64);
                 report.invocations += 1;
@@ -331,20 +336,19 @@ pub async fn drain(
                     let mut returns = [0usize; RETURN_BUCKETS.len()];
                     for m in state.messages.values().filter(|m| m.visible_at > now) {
                         let secs = (m.visible_at - now).as_secs_f64();
-                        let bucket = RETURN_BUCKETS
-                            .iter()
-                            .position(|&upper| secs < upper)
-                            .unwrap_or(RETURN_BUCKETS.len() - 1);
-                        returns[bucket] += 1;
+                        returns[bucket(RETURN_BUCKETS.into_iter(), secs)] += 1;
                     }
                     (state.messages.len(), visible, returns)
                 };
                 let returns: Vec<String> = RETURN_BUCKETS
                     .iter()
                     .zip(returns)
-                    .map(|(upper, n)| match upper.is_finite() {
-                        true => format!("<{upper}s:{n}"),
-                        false => format!(">={}s:{n}", RETURN_BUCKETS[RETURN_BUCKETS.len() - 2]),
+                    .map(|(upper, n)| {
+                        if upper.is_finite() {
+                            format!("<{upper}s:{n}")
+                        } else {
+                            format!(">={}s:{n}", RETURN_BUCKETS[RETURN_BUCKETS.len() - 2])
+                        }
                     })
                     .collect();
                 eprintln!(
