@@ -48,7 +48,7 @@ pub struct Config {
     /// less than its rate may send at once (default 1000: one second's worth).
     pub burst: Duration,
     /// `PERMIT_WAIT_MS`: the most a message waits for a request slot; a message that would
-    /// wait longer goes back to SQS with a delay instead (default 200).
+    /// wait longer goes back to SQS with a delay instead (default 150).
     pub permit_wait: Duration,
     /// `REDELIVERY_BASE_SECONDS`: the first redelivery delay ceiling, doubled with each receive
     /// (full jitter; default 2).
@@ -81,7 +81,7 @@ impl Default for Config {
             initial_rate: limiter.initial_rate,
             max_rate: limiter.max_rate,
             burst: limiter.burst,
-            permit_wait: Duration::from_millis(200),
+            permit_wait: Duration::from_millis(150),
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),

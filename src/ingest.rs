@@ -1,6 +1,6 @@
 //! One SQS batch in, one outcome per message, one `SqsBatchResponse` out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use tracing::{field, Instrument};
 
 use crate::backoff::{visibility_seconds, Backoff};
 use crate::config::Config;
+use crate::drain::DrainGauge;
 use crate::envelope::parse_body;
 use crate::limiter::{LimiterConfig, RateLimiter};
 use crate::mediapackage::{ApiError, AssetApi, ErrorKind};
@@ -207,6 +208,7 @@ pub struct Ingestor<A> {
     api: A,
     queue: Option<Box<dyn QueueApi>>,
     limiter: RateLimiter,
+    gauge: DrainGauge,
     config: Config,
     defaults: Defaults,
 }
@@ -228,6 +230,7 @@ impl<A: AssetApi> Ingestor<A> {
             api,
             queue: None,
             limiter,
+            gauge: DrainGauge::default(),
             config,
             defaults,
         }
@@ -558,11 +561,14 @@ impl<A: AssetApi> Ingestor<A> {
     }
 
     /// The visibility timeout each message to retry gets, from its [`Redelivery`] and receive
-    /// count; `None` where the queue's own timeout applies. `unit` draws the jitter.
+    /// count; `None` where the queue's own timeout applies. A message that got no request slot
+    /// comes back at a random time within its queue's entry in `spreads` (the backlog's
+    /// expected time left, see [`crate::drain`]) when there is one. `unit` draws the jitter.
     pub fn redelivery_delays(
         &self,
         records: &[SqsMessage],
         outcomes: &[Outcome],
+        spreads: &BTreeMap<&str, Duration>,
         mut unit: impl FnMut() -> f64,
     ) -> Vec<Option<i32>> {
         let backoff = self.backoff();
@@ -583,15 +589,28 @@ impl<A: AssetApi> Ingestor<A> {
                         .and_then(|v| v.parse::<u64>().ok())
                 };
                 let receives = receive_count(record);
-                let delay = match redelivery {
-                    Redelivery::Queue => return None,
-                    Redelivery::Immediate => Duration::ZERO,
-                    Redelivery::Backoff => backoff.delay(receives, unit()),
-                    // The booked slot, as it is: the limiter's estimate of when this instance has
-                    // room, already bounded by the backoff ceiling (see `process_record`).
-                    Redelivery::After(eta) => *eta,
-                    Redelivery::Within(horizon) => backoff.delay_within(receives, *horizon, unit()),
-                    Redelivery::Quota => self.config.quota_redelivery,
+                let spread = record
+                    .event_source_arn
+                    .as_deref()
+                    .and_then(|arn| spreads.get(arn));
+                let delay = match (redelivery, spread) {
+                    // Spread over the time the backlog has left, like every other instance's
+                    // hand-backs, rather than on this instance's own booking line.
+                    (Redelivery::After(_) | Redelivery::Within(_), Some(spread)) => {
+                        backoff.delay_within(receives, *spread, unit())
+                    }
+                    (redelivery, _) => match redelivery {
+                        Redelivery::Queue => return None,
+                        Redelivery::Immediate => Duration::ZERO,
+                        Redelivery::Backoff => backoff.delay(receives, unit()),
+                        // The booked slot, as it is: the limiter's estimate of when this instance has
+                        // room, already bounded by the backoff ceiling (see `process_record`).
+                        Redelivery::After(eta) => *eta,
+                        Redelivery::Within(horizon) => {
+                            backoff.delay_within(receives, *horizon, unit())
+                        }
+                        Redelivery::Quota => self.config.quota_redelivery,
+                    },
                 }
                 .min(crate::backoff::SQS_MAX_VISIBILITY);
                 let first_receive = attribute("ApproximateFirstReceiveTimestamp").unwrap_or(now_ms);
@@ -601,6 +620,45 @@ impl<A: AssetApi> Ingestor<A> {
             .collect()
     }
 
+    /// For each queue with messages handed back for want of a request slot, how long its
+    /// backlog has left ([`DrainGauge::spread`]), reading the queue's depth when it is due.
+    async fn spreads<'r>(
+        &self,
+        queue: &dyn QueueApi,
+        records: &'r [SqsMessage],
+        outcomes: &[Outcome],
+    ) -> BTreeMap<&'r str, Duration> {
+        let unbooked = records
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(record, outcome)| {
+                matches!(
+                    outcome,
+                    Outcome::Retry(_, Redelivery::After(_) | Redelivery::Within(_))
+                )
+                .then_some(record.event_source_arn.as_deref()?)
+            });
+        let arns: BTreeSet<&str> = unbooked.collect();
+        let mut spreads = BTreeMap::new();
+        for arn in arns {
+            if self.gauge.due(arn, Instant::now()) {
+                match queue.depth(arn).await {
+                    Ok(depth) => self.gauge.observe(arn, Instant::now(), depth),
+                    Err(error) => tracing::debug!(
+                        queue = arn,
+                        code = error.code,
+                        error = error.message,
+                        "could not read the queue's depth; handed-back messages keep their booking"
+                    ),
+                }
+            }
+            if let Some(spread) = self.gauge.spread(arn, Instant::now()) {
+                spreads.insert(arn, spread);
+            }
+        }
+        spreads
+    }
+
     /// Sets the visibility timeout of every message to retry, so SQS delivers it again when it
     /// stands a chance. A message whose visibility cannot be changed is still reported: the
     /// queue's own visibility timeout then applies, and nothing is lost.
@@ -608,7 +666,8 @@ impl<A: AssetApi> Ingestor<A> {
         let Some(queue) = &self.queue else {
             return;
         };
-        let delays = self.redelivery_delays(records, outcomes, fastrand::f64);
+        let spreads = self.spreads(queue.as_ref(), records, outcomes).await;
+        let delays = self.redelivery_delays(records, outcomes, &spreads, fastrand::f64);
         let mut by_queue: BTreeMap<&str, (Vec<VisibilityChange>, Vec<&str>)> = BTreeMap::new();
         for (record, delay) in records.iter().zip(delays) {
             let (Some(seconds), Some(arn), Some(receipt_handle)) = (
@@ -958,7 +1017,7 @@ mod tests {
                 Redelivery::Immediate,
             ),
         ];
-        let delays = ingestor.redelivery_delays(&records, &outcomes, || 1.0);
+        let delays = ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 1.0);
         assert!(delays[0].unwrap() > 0);
         assert_eq!(delays[1], Some(0));
     }
@@ -984,13 +1043,169 @@ mod tests {
             unbooked(crate::backoff::SQS_MAX_VISIBILITY),
         ];
         assert_eq!(
-            ingestor.redelivery_delays(&records, &outcomes, || 0.999),
+            ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.999),
             [Some(16), Some(32)]
         );
         assert_eq!(
-            ingestor.redelivery_delays(&records, &outcomes, || 0.25),
+            ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.25),
             [Some(4), Some(8)]
         );
+    }
+
+    #[test]
+    fn a_message_without_a_slot_comes_back_within_the_time_its_queue_has_left() {
+        const QUEUE: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+        const OTHER: &str = "arn:aws:sqs:us-east-1:123456789012:other";
+        let ingestor = Ingestor::new(NoApi, Config::default());
+        let message = |queue: &str, receives: u32| {
+            let mut m = record(Some("a"));
+            m.event_source_arn = Some(queue.to_string());
+            m.attributes
+                .insert("ApproximateReceiveCount".into(), receives.to_string());
+            m
+        };
+        let no_slot = |redelivery| Outcome::Retry(Failure::new("RateLimited", "x"), redelivery);
+        let records = [
+            message(QUEUE, 5),
+            message(QUEUE, 5),
+            message(QUEUE, 1),
+            message(OTHER, 5),
+            message(QUEUE, 5),
+        ];
+        let outcomes = [
+            no_slot(Redelivery::After(Duration::from_secs(3))),
+            no_slot(Redelivery::Within(Duration::from_secs(16))),
+            no_slot(Redelivery::After(Duration::from_secs(1))),
+            no_slot(Redelivery::After(Duration::from_secs(3))),
+            retry(),
+        ];
+        let spreads = BTreeMap::from([(QUEUE, Duration::from_secs(10))]);
+        // The queue has 10 s left: its messages without a slot come back within that, not at
+        // their booking (3 s) or within their horizon (16 s); a first receive is still held to
+        // its 2 s backoff ceiling. Another queue's message keeps its booking, and a throttled
+        // one its backoff (ceiling 32 s).
+        assert_eq!(
+            ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.999),
+            [Some(10), Some(10), Some(2), Some(3), Some(32)]
+        );
+        assert_eq!(
+            ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.2),
+            [Some(2), Some(2), Some(1), Some(3), Some(7)]
+        );
+    }
+
+    /// SQS as a queue whose depth falls by `fall` messages per read, recording the visibility
+    /// timeouts set.
+    struct Draining {
+        depth: Mutex<u64>,
+        fall: u64,
+        reads: Mutex<Vec<Instant>>,
+        delays: Mutex<Vec<i32>>,
+    }
+
+    #[async_trait::async_trait]
+    impl QueueApi for &'static Draining {
+        async fn dead_letter(&self, _: &str, _: &DeadLetter) -> Result<(), crate::sqs::QueueError> {
+            unreachable!("no dead letter expected")
+        }
+        async fn change_visibility(
+            &self,
+            _: &str,
+            changes: &[VisibilityChange],
+        ) -> Vec<Result<(), crate::sqs::QueueError>> {
+            let mut delays = self.delays.lock().unwrap();
+            delays.extend(changes.iter().map(|c| c.seconds));
+            changes.iter().map(|_| Ok(())).collect()
+        }
+        async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
+            self.reads.lock().unwrap().push(Instant::now());
+            let mut depth = self.depth.lock().unwrap();
+            *depth -= self.fall;
+            Ok(*depth)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
+        fastrand::seed(7);
+        let queue: &'static Draining = Box::leak(Box::new(Draining {
+            depth: Mutex::new(110),
+            fall: 10,
+            reads: Mutex::default(),
+            delays: Mutex::default(),
+        }));
+        let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
+        let records = batch(5);
+        let start = Instant::now();
+        let mut delays = Vec::new();
+        for step_ms in [0, 1000, 500, 500] {
+            tokio::time::advance(Duration::from_millis(step_ms)).await;
+            queue.delays.lock().unwrap().clear();
+            ingestor
+                .handle_batch(&records, Instant::now() + Duration::from_secs(60))
+                .await
+                .unwrap();
+            delays.push(queue.delays.lock().unwrap().clone());
+        }
+        // The depth is read at most once a second: at 0 s, 1 s and 2 s, not at 1.5 s.
+        let reads: Vec<u128> = queue
+            .reads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|at| (*at - start).as_millis())
+            .collect();
+        assert_eq!(reads, [0, 1000, 2000]);
+        // Under 2 s of readings, nothing to measure: the nine messages without a slot keep the
+        // limiter's bookings, 0.53-0.67 s apart from 1 s on, within their 16 s horizon.
+        assert_eq!(delays[0].len(), 9);
+        assert!(
+            delays[0].windows(2).all(|w| w[0] <= w[1]),
+            "{:?}",
+            delays[0]
+        );
+        assert!(
+            delays[0].iter().all(|d| (1..=6).contains(d)),
+            "{:?}",
+            delays[0]
+        );
+        // From 2 s on, 80 messages falling by 10/s have 80 / 15 = 5.3 s left: the messages
+        // handed back come back at random within that, whatever their booking would be.
+        for later in &delays[3..] {
+            assert_eq!(later.len(), 9);
+            assert!(later.iter().all(|d| (0..=6).contains(d)), "{later:?}");
+            assert!(
+                later.windows(2).any(|w| w[0] > w[1]),
+                "in booking order: {later:?}"
+            );
+        }
+    }
+
+    fn slow_config() -> Config {
+        Config {
+            initial_rate: 1.0,
+            burst: Duration::ZERO,
+            permit_wait: Duration::ZERO,
+            packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
+            source_role_arn: Some(
+                crate::message::RoleArn::parse("arn:aws:iam::123456789012:role/R").unwrap(),
+            ),
+            ..Config::default()
+        }
+    }
+
+    fn batch(receives: u32) -> Vec<SqsMessage> {
+        (0..10)
+            .map(|i| {
+                let mut m = record(Some(&format!("m{i}")));
+                m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
+                m.event_source_arn = Some("arn:aws:sqs:us-east-1:123456789012:ingest".into());
+                m.receipt_handle = Some(format!("rh-{i}"));
+                m.attributes
+                    .insert("ApproximateReceiveCount".into(), receives.to_string());
+                m
+            })
+            .collect()
     }
 
     /// Creates every asset at once.
@@ -1010,26 +1225,8 @@ mod tests {
     }
 
     fn bookings(receives: u32) -> Vec<Redelivery> {
-        let config = Config {
-            initial_rate: 1.0,
-            burst: Duration::ZERO,
-            permit_wait: Duration::ZERO,
-            packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
-            source_role_arn: Some(
-                crate::message::RoleArn::parse("arn:aws:iam::123456789012:role/R").unwrap(),
-            ),
-            ..Config::default()
-        };
-        let ingestor = Ingestor::new(Instant0, config);
-        let records: Vec<SqsMessage> = (0..10)
-            .map(|i| {
-                let mut m = record(Some(&format!("m{i}")));
-                m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
-                m.attributes
-                    .insert("ApproximateReceiveCount".into(), receives.to_string());
-                m
-            })
-            .collect();
+        let ingestor = Ingestor::new(Instant0, slow_config());
+        let records = batch(receives);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)

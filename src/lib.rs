@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod drain;
 pub mod envelope;
 pub mod ingest;
 pub mod limiter;

@@ -95,6 +95,10 @@ pub trait QueueApi: Send + Sync {
         queue_arn: &str,
         changes: &[VisibilityChange],
     ) -> Vec<Result<(), QueueError>>;
+
+    /// How many messages the queue `queue_arn` holds: visible, in flight and delayed, as SQS
+    /// approximates them.
+    async fn depth(&self, queue_arn: &str) -> Result<u64, QueueError>;
 }
 
 /// The queue name and owner account of an SQS ARN `arn:aws:sqs:region:account:name`.
@@ -234,6 +238,13 @@ where
     )
 }
 
+/// The message counts whose sum is a queue's depth.
+const DEPTH: [QueueAttributeName; 3] = [
+    QueueAttributeName::ApproximateNumberOfMessages,
+    QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+    QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+];
+
 #[async_trait]
 impl QueueApi for SdkQueueApi {
     async fn dead_letter(&self, queue_arn: &str, letter: &DeadLetter) -> Result<(), QueueError> {
@@ -330,6 +341,34 @@ impl QueueApi for SdkQueueApi {
             }
         }
         results
+    }
+
+    async fn depth(&self, queue_arn: &str) -> Result<u64, QueueError> {
+        let url = self.queue_url(queue_arn).await?;
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .set_attribute_names(Some(DEPTH.to_vec()))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let attributes = output.attributes();
+        DEPTH.iter().try_fold(0u64, |sum, name| {
+            let count = attributes
+                .and_then(|a| a.get(name))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    QueueError::new(
+                        "NoQueueDepth",
+                        format!(
+                            "GetQueueAttributes gave no {} for {queue_arn}",
+                            name.as_str()
+                        ),
+                    )
+                })?;
+            Ok(sum + count)
+        })
     }
 }
 

@@ -205,6 +205,10 @@ impl QueueApi for SimQueuePort {
             })
             .collect()
     }
+
+    async fn depth(&self, _queue_arn: &str) -> Result<u64, QueueError> {
+        Ok(self.0.len() as u64)
+    }
 }
 
 /// One function instance: an invocation takes a batch and a deadline.

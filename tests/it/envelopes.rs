@@ -77,6 +77,13 @@ impl QueueApi for &'static DeadLetters {
     ) -> Vec<Result<(), QueueError>> {
         changes.iter().map(|_| Ok(())).collect()
     }
+
+    async fn depth(&self, _queue_arn: &str) -> Result<u64, QueueError> {
+        Err(QueueError {
+            code: "NotCounted".into(),
+            message: "this fake does not count messages".into(),
+        })
+    }
 }
 
 /// The configuration `make invoke` runs with.

@@ -206,6 +206,41 @@ async fn an_unknown_queue_is_an_error_for_every_change() {
     assert!(results.iter().all(Result::is_err));
 }
 
+#[tokio::test]
+async fn the_depth_counts_visible_in_flight_and_delayed_messages() {
+    let moto = Moto::start().await;
+    let client = moto.client();
+    // Two received (in flight), then two visible and one delayed sent after them.
+    let (url, records) = received(&client, "depth", &["a", "b"], 30).await;
+    let arn = records[0].event_source_arn.clone().unwrap();
+    for (body, delay) in [("c", 0), ("d", 0), ("e", 60)] {
+        client
+            .send_message()
+            .queue_url(&url)
+            .message_body(body)
+            .delay_seconds(delay)
+            .send()
+            .await
+            .unwrap();
+    }
+    let queue = SdkQueueApi::new(client.clone());
+    assert_eq!(queue.depth(&arn).await.unwrap(), 5);
+    // Deleting one in-flight message takes it off the count.
+    client
+        .delete_message()
+        .queue_url(&url)
+        .receipt_handle(records[0].receipt_handle.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.depth(&arn).await.unwrap(), 4);
+    let missing = queue
+        .depth("arn:aws:sqs:us-east-1:123456789012:missing")
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, "AWS.SimpleQueueService.NonExistentQueue");
+}
+
 /// An API whose every call says the asset quota is exhausted.
 struct QuotaExhausted;
 
@@ -245,6 +280,7 @@ async fn a_message_refused_for_an_exhausted_quota_is_reported_and_kept_away_for_
         ingestor.redelivery_delays(
             &records,
             &ingestor.process_batch(&records, far_deadline()).await,
+            &Default::default(),
             || 0.5
         ),
         [Some(1800)]
