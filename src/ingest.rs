@@ -112,13 +112,15 @@ pub enum Redelivery {
     /// Exponential backoff with full jitter from the message's receive count.
     Backoff,
     /// No request slot was free in time: come back when the rate limiter expects room (booked
-    /// no further ahead than half the backoff ceiling for the message's receive count).
+    /// no further ahead than half the backoff ceiling for the message's receive count), or
+    /// within the time the queue's backlog has left once that is known ([`crate::drain`]).
     After(Duration),
     /// No request slot was free in time and none could be booked within this horizon: come
-    /// back at a random time within it (full jitter, never past the backoff ceiling). Not the
-    /// whole backoff ceiling: the horizon is already the furthest this message should be away,
-    /// and measured on `make bench`, single messages drawn up to twice it (32-45 s ahead on
-    /// scenario B) came back after everything else was done and set the drain time.
+    /// back at a random time within it (full jitter, never past the backoff ceiling), or within
+    /// the time the queue's backlog has left once that is known. Not the whole backoff ceiling:
+    /// the horizon is already the furthest this message should be away, and measured on
+    /// `make bench`, single messages drawn up to twice it (32-45 s ahead on scenario B) came
+    /// back after everything else was done and set the drain time.
     Within(Duration),
     /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
     Quota,
@@ -599,18 +601,16 @@ impl<A: AssetApi> Ingestor<A> {
                     (Redelivery::After(_) | Redelivery::Within(_), Some(spread)) => {
                         backoff.delay_within(receives, *spread, unit())
                     }
-                    (redelivery, _) => match redelivery {
-                        Redelivery::Queue => return None,
-                        Redelivery::Immediate => Duration::ZERO,
-                        Redelivery::Backoff => backoff.delay(receives, unit()),
-                        // The booked slot, as it is: the limiter's estimate of when this instance has
-                        // room, already bounded by the backoff ceiling (see `process_record`).
-                        Redelivery::After(eta) => *eta,
-                        Redelivery::Within(horizon) => {
-                            backoff.delay_within(receives, *horizon, unit())
-                        }
-                        Redelivery::Quota => self.config.quota_redelivery,
-                    },
+                    // The booked slot, as it is: the limiter's estimate of when this instance
+                    // has room, already bounded by the backoff ceiling (see `process_record`).
+                    (Redelivery::After(eta), None) => *eta,
+                    (Redelivery::Within(horizon), None) => {
+                        backoff.delay_within(receives, *horizon, unit())
+                    }
+                    (Redelivery::Backoff, _) => backoff.delay(receives, unit()),
+                    (Redelivery::Quota, _) => self.config.quota_redelivery,
+                    (Redelivery::Immediate, _) => Duration::ZERO,
+                    (Redelivery::Queue, _) => return None,
                 }
                 .min(crate::backoff::SQS_MAX_VISIBILITY);
                 let first_receive = attribute("ApproximateFirstReceiveTimestamp").unwrap_or(now_ms);

@@ -43,7 +43,9 @@
 //! does not move the line: the function passes half the backoff ceiling of the message's receive
 //! count, so bookings made while the rate is still being found stay short, and a message comes
 //! back to be booked again from what has been learned by then. A message that cannot be booked
-//! within its horizon comes back at a random time within it.
+//! within its horizon comes back at a random time within it. Once the queue's depth has been
+//! seen falling, the function spreads its hand-backs over the time the backlog has left instead
+//! ([`crate::drain`]), the same for every instance; bookings serve until then.
 
 use std::sync::Mutex;
 use std::time::Duration;
