@@ -50,6 +50,11 @@ pub struct Config {
     /// `PERMIT_WAIT_MS`: the most a message waits for a request slot; a message that would
     /// wait longer goes back to SQS with a delay instead (default 150).
     pub permit_wait: Duration,
+    /// `MAX_RECEIVE_COUNT`: the source queue's `maxReceiveCount`, if it has a redrive policy
+    /// (default none). A message received that many times is on its last delivery: handed back,
+    /// SQS would move it to the dead-letter queue without a reason, so it waits for a request
+    /// slot as long as the invocation allows instead of `PERMIT_WAIT_MS`.
+    pub max_receive_count: Option<u32>,
     /// `REDELIVERY_BASE_SECONDS`: the first redelivery delay ceiling, doubled with each receive
     /// (full jitter; default 2).
     pub redelivery_base: Duration,
@@ -82,6 +87,7 @@ impl Default for Config {
             max_rate: limiter.max_rate,
             burst: limiter.burst,
             permit_wait: Duration::from_millis(150),
+            max_receive_count: None,
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),
@@ -131,6 +137,7 @@ impl Config {
             max_rate: rate(&get, "MAX_REQUESTS_PER_SECOND")?,
             burst: ms("REQUEST_BURST_MS", defaults.burst, 0, 60_000)?,
             permit_wait: ms("PERMIT_WAIT_MS", defaults.permit_wait, 0, 900_000)?,
+            max_receive_count: number(&get, "MAX_RECEIVE_COUNT", 1, 1000)?.map(|v| v as u32),
             redelivery_base: secs(&get, "REDELIVERY_BASE_SECONDS", defaults.redelivery_base, 1)?,
             redelivery_cap: secs(&get, "REDELIVERY_CAP_SECONDS", defaults.redelivery_cap, 1)?,
             quota_redelivery: secs(
@@ -317,6 +324,7 @@ mod tests {
             ("INITIAL_REQUESTS_PER_SECOND", "2.5"),
             ("MAX_REQUESTS_PER_SECOND", "40"),
             ("PERMIT_WAIT_MS", "250"),
+            ("MAX_RECEIVE_COUNT", "20"),
             ("REQUEST_BURST_MS", "500"),
             ("REDELIVERY_BASE_SECONDS", "3"),
             ("REDELIVERY_CAP_SECONDS", "600"),
@@ -336,6 +344,7 @@ mod tests {
         assert_eq!(c.initial_rate, 2.5);
         assert_eq!(c.max_rate, Some(40.0));
         assert_eq!(c.permit_wait, Duration::from_millis(250));
+        assert_eq!(c.max_receive_count, Some(20));
         assert_eq!(c.burst, Duration::from_millis(500));
         assert_eq!(c.redelivery_base, Duration::from_secs(3));
         assert_eq!(c.redelivery_cap, Duration::from_secs(600));

@@ -383,9 +383,20 @@ impl<A: AssetApi> Ingestor<A> {
             // a rate that was still being found; one that cannot be booked within it comes back
             // at a random time within it. (Measured: the whole ceiling, or twice it, drained
             // scenario B of `make bench` later; a quarter of it, later on A.)
+            // On its last delivery a message waits for a slot as long as the invocation allows:
+            // handed back, SQS would dead-letter it with no reason given.
+            let receives = receive_count(record);
+            let last_delivery = self
+                .config
+                .max_receive_count
+                .is_some_and(|max| receives >= max);
             let window = Window {
-                latest: last_start.min(now + self.config.permit_wait),
-                horizon: self.backoff().ceiling(receive_count(record)) / 2,
+                latest: if last_delivery {
+                    last_start
+                } else {
+                    last_start.min(now + self.config.permit_wait)
+                },
+                horizon: self.backoff().ceiling(receives) / 2,
             };
             let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window, calls));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
@@ -398,6 +409,12 @@ impl<A: AssetApi> Ingestor<A> {
             });
             let outcome = self.dead_letter(record, outcome).await;
             log_outcome(None, &outcome);
+            if last_delivery && matches!(outcome, Outcome::Retry(..)) {
+                tracing::error!(
+                    receives,
+                    "not done on its last delivery (MAX_RECEIVE_COUNT): SQS will move it to the dead-letter queue"
+                );
+            }
             outcome
         }
         .instrument(span)
@@ -1241,6 +1258,31 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_on_its_last_delivery_waits_for_a_slot_instead_of_being_handed_back() {
+        let config = Config {
+            max_receive_count: Some(5),
+            ..slow_config()
+        };
+        let ingestor = Ingestor::new(Instant0, config);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Fourth receive: one slot now, nine handed back, as with no maximum.
+        let fourth = ingestor.process_batch(&batch(4), deadline).await;
+        let handed_back = fourth.iter().filter(|o| o.must_redeliver()).count();
+        assert_eq!(handed_back, 9);
+        // Fifth and last: every message waits its turn at the limiter's rate and is created.
+        let start = Instant::now();
+        let last = ingestor.process_batch(&batch(5), deadline).await;
+        assert!(
+            last.iter().all(|o| matches!(o, Outcome::Created { .. })),
+            "{last:?}"
+        );
+        assert!(
+            Instant::now() - start >= Duration::from_secs(3),
+            "it waited"
+        );
     }
 
     #[test]
