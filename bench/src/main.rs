@@ -1,7 +1,8 @@
 //! `make bench`: drains a backlog through a throttled MediaPackage VOD emulator with this
 //! project's function and with the baselines, side by side, in one run.
 //!
-//! Environment: `BENCH_SCENARIOS` (comma-separated `a`, `b`; default both).
+//! Environment: `BENCH_SCENARIOS` (comma-separated `a`, `b`, `c`; default `a,b`; `c` is a
+//! 6,000-message backlog, for receive counts).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,6 +211,17 @@ async fn main() {
         Scenario {
             name: "b",
             messages: 1200,
+            instances: 5,
+            rate: 20.0,
+            burst: 20,
+            latency: Duration::from_millis(50),
+            visibility_timeout: Duration::from_secs(30),
+            function_timeout: Duration::from_secs(30),
+        },
+        // A long backlog, for receive counts; not run by default.
+        Scenario {
+            name: "c",
+            messages: 6000,
             instances: 5,
             rate: 20.0,
             burst: 20,
