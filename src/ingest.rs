@@ -377,12 +377,6 @@ impl<A: AssetApi> Ingestor<A> {
             if now > last_start {
                 return not_started();
             }
-            // A booking reaches no further than half the backoff ceiling for this receive: a
-            // message the instance cannot serve soon comes back soon, to be booked again from
-            // what the limiter has learned by then, rather than sitting out a booking made from
-            // a rate that was still being found; one that cannot be booked within it comes back
-            // at a random time within it. (Measured: the whole ceiling, or twice it, drained
-            // scenario B of `make bench` later; a quarter of it, later on A.)
             // On its last delivery a message waits for a slot as long as the invocation allows:
             // handed back, SQS would dead-letter it with no reason given.
             let receives = receive_count(record);
@@ -390,6 +384,12 @@ impl<A: AssetApi> Ingestor<A> {
                 .config
                 .max_receive_count
                 .is_some_and(|max| receives >= max);
+            // A booking reaches no further than half the backoff ceiling for this receive: a
+            // message the instance cannot serve soon comes back soon, to be booked again from
+            // what the limiter has learned by then, rather than sitting out a booking made from
+            // a rate that was still being found; one that cannot be booked within it comes back
+            // at a random time within it. (Measured: the whole ceiling, or twice it, drained
+            // scenario B of `make bench` later; a quarter of it, later on A.)
             let window = Window {
                 latest: if last_delivery {
                     last_start
