@@ -197,39 +197,31 @@ fn print(scenario: &Scenario, rows: &[Row]) {
 
 #[tokio::main]
 async fn main() {
-    let all = [
-        Scenario {
-            name: "a",
-            messages: 300,
-            instances: 3,
-            rate: 10.0,
-            burst: 10,
-            latency: Duration::from_millis(50),
-            visibility_timeout: Duration::from_secs(30),
-            function_timeout: Duration::from_secs(30),
-        },
-        Scenario {
-            name: "b",
-            messages: 1200,
-            instances: 5,
-            rate: 20.0,
-            burst: 20,
-            latency: Duration::from_millis(50),
-            visibility_timeout: Duration::from_secs(30),
-            function_timeout: Duration::from_secs(30),
-        },
-        // A long backlog, for receive counts; not run by default.
-        Scenario {
-            name: "c",
-            messages: 6000,
-            instances: 5,
-            rate: 20.0,
-            burst: 20,
-            latency: Duration::from_millis(50),
-            visibility_timeout: Duration::from_secs(30),
-            function_timeout: Duration::from_secs(30),
-        },
-    ];
+    let a = Scenario {
+        name: "a",
+        messages: 300,
+        instances: 3,
+        rate: 10.0,
+        burst: 10,
+        latency: Duration::from_millis(50),
+        visibility_timeout: Duration::from_secs(30),
+        function_timeout: Duration::from_secs(30),
+    };
+    let b = Scenario {
+        name: "b",
+        messages: 1200,
+        instances: 5,
+        rate: 20.0,
+        burst: 20,
+        ..a
+    };
+    // A long backlog, for receive counts; not run by default.
+    let c = Scenario {
+        name: "c",
+        messages: 6000,
+        ..b
+    };
+    let all = [a, b, c];
     let wanted = std::env::var("BENCH_SCENARIOS").unwrap_or_else(|_| "a,b".into());
     let strategies: Vec<Strategy> = match std::env::var("BENCH_STRATEGIES") {
         Ok(s) if s == "ours" => vec![Strategy::Ours],
