@@ -40,7 +40,7 @@ pub struct Config {
     /// retry: retries happen at this one layer.
     pub api_max_attempts: u32,
     /// `INITIAL_REQUESTS_PER_SECOND`: the limiter's rate before it has learned anything
-    /// (default 5).
+    /// (default 3).
     pub initial_rate: f64,
     /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
     pub max_rate: Option<f64>,

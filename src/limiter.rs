@@ -83,7 +83,7 @@ pub struct LimiterConfig {
 impl Default for LimiterConfig {
     fn default() -> Self {
         Self {
-            initial_rate: 5.0,
+            initial_rate: 3.0,
             max_rate: None,
             min_rate: 0.2,
             additive: 0.2,
