@@ -48,13 +48,18 @@ impl Backoff {
     }
 }
 
+/// How much longer a message first received `since_first_receive` ago may be kept invisible:
+/// SQS allows 12 hours in all (less a minute's margin).
+pub fn visibility_room(since_first_receive: Duration) -> Duration {
+    SQS_MAX_VISIBILITY
+        .saturating_sub(since_first_receive)
+        .saturating_sub(SQS_LIMIT_MARGIN)
+}
+
 /// The visibility timeout to set, in whole seconds as SQS takes it: `delay` rounded up, never
 /// past 12 hours in all since the message was first received `since_first_receive` ago.
 pub fn visibility_seconds(delay: Duration, since_first_receive: Duration) -> i32 {
-    let room = SQS_MAX_VISIBILITY
-        .saturating_sub(since_first_receive)
-        .saturating_sub(SQS_LIMIT_MARGIN);
-    let delay = delay.min(room);
+    let delay = delay.min(visibility_room(since_first_receive));
     let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
     seconds as i32
 }

@@ -28,8 +28,9 @@ pub struct Config {
     pub source_role_arn: Option<RoleArn>,
     /// `MAX_CONCURRENCY`: messages of one batch processed at once (1 to 1000, default 10).
     pub max_concurrency: usize,
-    /// `DEADLINE_MARGIN_MS`: time kept free before the Lambda deadline to report unfinished
-    /// messages (default 2000).
+    /// `DEADLINE_MARGIN_MS`: the most time kept free before the Lambda deadline to report
+    /// unfinished messages (default 2000, at least 200). A short invocation keeps less: a fifth of
+    /// its time, and never under 200 ms ([`crate::redelivery::deadline_margin`]).
     pub deadline_margin: Duration,
     /// `API_TIMEOUT_MS`: the most one MediaPackage VOD operation may take (default 10000).
     pub api_timeout: Duration,
@@ -39,9 +40,10 @@ pub struct Config {
     /// included, each through the rate limiter (1 to 10, default 3). The SDK itself does not
     /// retry: retries happen at this one layer.
     pub api_max_attempts: u32,
-    /// `INITIAL_REQUESTS_PER_SECOND`: the limiter's rate before it has learned anything
-    /// (default 3).
-    pub initial_rate: f64,
+    /// `INITIAL_REQUESTS_PER_SECOND`: the limiter's rate before it has learned anything. Unset
+    /// (the default), an instance sends a batch's messages at once, up to `MAX_CONCURRENCY`,
+    /// until the API first throttles it, and learns its rate from there.
+    pub initial_rate: Option<f64>,
     /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
     pub max_rate: Option<f64>,
     /// `REQUEST_BURST_MS`: how much of its rate, in time, an instance that has been calling
@@ -63,6 +65,9 @@ pub struct Config {
     /// `QUOTA_REDELIVERY_SECONDS`: the delay for a message refused because a resource quota
     /// is exhausted ("Resource limit exceeded"; default 3600, at most 43200).
     pub quota_redelivery: Duration,
+    /// `FIFO_REDELIVERY_CAP_SECONDS`: the longest delay for a message of a FIFO queue (default
+    /// 10). While it is away SQS delivers nothing behind it in its message group.
+    pub fifo_redelivery_cap: Duration,
     /// `ALLOWED_SOURCE_BUCKETS` and `ALLOWED_SOURCE_ROLE_ARNS` (comma-separated): the buckets
     /// and roles a message may name. Without `ALLOWED_SOURCE_ROLE_ARNS`, only `SOURCE_ROLE_ARN`
     /// may be used when it is set; without `ALLOWED_SOURCE_BUCKETS`, any bucket.
@@ -83,7 +88,7 @@ impl Default for Config {
             api_timeout: Duration::from_millis(10_000),
             api_attempt_timeout: Duration::from_millis(3000),
             api_max_attempts: 3,
-            initial_rate: limiter.initial_rate,
+            initial_rate: None,
             max_rate: limiter.max_rate,
             burst: limiter.burst,
             permit_wait: Duration::from_millis(150),
@@ -91,6 +96,7 @@ impl Default for Config {
             redelivery_base: Duration::from_secs(2),
             redelivery_cap: Duration::from_secs(900),
             quota_redelivery: Duration::from_secs(3600),
+            fifo_redelivery_cap: Duration::from_secs(10),
             policy: SourcePolicy::default(),
             dead_letter_queue_url: None,
         }
@@ -122,7 +128,7 @@ impl Config {
             source_role_arn,
             max_concurrency: number(&get, "MAX_CONCURRENCY", 1, 1000)?
                 .map_or(defaults.max_concurrency, |v| v as usize),
-            deadline_margin: ms("DEADLINE_MARGIN_MS", defaults.deadline_margin, 0, 60_000)?,
+            deadline_margin: ms("DEADLINE_MARGIN_MS", defaults.deadline_margin, 200, 60_000)?,
             api_timeout: ms("API_TIMEOUT_MS", defaults.api_timeout, 100, 900_000)?,
             api_attempt_timeout: ms(
                 "API_ATTEMPT_TIMEOUT_MS",
@@ -132,8 +138,7 @@ impl Config {
             )?,
             api_max_attempts: number(&get, "API_MAX_ATTEMPTS", 1, 10)?
                 .map_or(defaults.api_max_attempts, |v| v as u32),
-            initial_rate: rate(&get, "INITIAL_REQUESTS_PER_SECOND")?
-                .unwrap_or(defaults.initial_rate),
+            initial_rate: rate(&get, "INITIAL_REQUESTS_PER_SECOND")?,
             max_rate: rate(&get, "MAX_REQUESTS_PER_SECOND")?,
             burst: ms("REQUEST_BURST_MS", defaults.burst, 0, 60_000)?,
             permit_wait: ms("PERMIT_WAIT_MS", defaults.permit_wait, 0, 900_000)?,
@@ -145,6 +150,12 @@ impl Config {
                 "QUOTA_REDELIVERY_SECONDS",
                 defaults.quota_redelivery,
                 0,
+            )?,
+            fifo_redelivery_cap: secs(
+                &get,
+                "FIFO_REDELIVERY_CAP_SECONDS",
+                defaults.fifo_redelivery_cap,
+                1,
             )?,
             policy: SourcePolicy::default(),
             dead_letter_queue_url: get("DEAD_LETTER_QUEUE_URL")
@@ -181,6 +192,19 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// What is allowed but unwise, for a warning at cold start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.policy.buckets.is_none() {
+            warnings.push(
+                "ALLOWED_SOURCE_BUCKETS is not set: a message may make MediaPackage VOD ingest any \
+                 object its source role can read; list the buckets assets may come from"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 }
 
@@ -329,6 +353,7 @@ mod tests {
             ("REDELIVERY_BASE_SECONDS", "3"),
             ("REDELIVERY_CAP_SECONDS", "600"),
             ("QUOTA_REDELIVERY_SECONDS", "7200"),
+            ("FIFO_REDELIVERY_CAP_SECONDS", "5"),
         ])
         .unwrap();
         assert_eq!(c.packaging_group_id.unwrap().as_str(), "vod-group");
@@ -341,7 +366,7 @@ mod tests {
         assert_eq!(c.api_timeout, Duration::from_millis(5000));
         assert_eq!(c.api_attempt_timeout, Duration::from_millis(1000));
         assert_eq!(c.api_max_attempts, 2);
-        assert_eq!(c.initial_rate, 2.5);
+        assert_eq!(c.initial_rate, Some(2.5));
         assert_eq!(c.max_rate, Some(40.0));
         assert_eq!(c.permit_wait, Duration::from_millis(250));
         assert_eq!(c.max_receive_count, Some(20));
@@ -349,6 +374,33 @@ mod tests {
         assert_eq!(c.redelivery_base, Duration::from_secs(3));
         assert_eq!(c.redelivery_cap, Duration::from_secs(600));
         assert_eq!(c.quota_redelivery, Duration::from_secs(7200));
+        assert_eq!(c.fifo_redelivery_cap, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_margin_too_small_to_report_in_is_refused() {
+        assert_eq!(
+            config(&[("DEADLINE_MARGIN_MS", "0")]).unwrap_err().var,
+            "DEADLINE_MARGIN_MS"
+        );
+        assert_eq!(
+            config(&[("DEADLINE_MARGIN_MS", "200")])
+                .unwrap()
+                .deadline_margin,
+            Duration::from_millis(200)
+        );
+    }
+
+    #[test]
+    fn no_bucket_list_is_warned_about_and_a_list_is_not() {
+        let warnings = config(&[]).unwrap().warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("ALLOWED_SOURCE_BUCKETS"),
+            "{warnings:?}"
+        );
+        let listed = config(&[("ALLOWED_SOURCE_BUCKETS", "media-masters")]).unwrap();
+        assert!(listed.warnings().is_empty());
     }
 
     #[test]

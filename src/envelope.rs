@@ -8,7 +8,8 @@
 //!   `Message` holds one of the other shapes);
 //! - an EventBridge `Object Created` event from S3.
 //!
-//! Objects named by S3 get an id derived from their ARN ([`AssetId::derive_from`], the same as a
+//! Objects named by S3 get an id derived from their packaging group and ARN
+//! ([`AssetId::derive_from`], the same as a
 //! direct request without `id`), and the packaging group and role from configuration. Only
 //! manifests MediaPackage VOD can ingest (`.m3u8`, `.smil`) become requests; other objects
 //! and other S3 events are skipped, with the reason.
@@ -385,12 +386,13 @@ impl S3ObjectRef {
                 "{at}: an object from S3 takes its {what} from {var}, which is not set"
             ))
         };
+        let packaging_group_id = defaults
+            .packaging_group_id
+            .clone()
+            .ok_or_else(|| missing("packaging group", "PACKAGING_GROUP_ID"))?;
         parsed.requests.push(AssetRequest {
-            id: AssetId::derive_from(&source_arn),
-            packaging_group_id: defaults
-                .packaging_group_id
-                .clone()
-                .ok_or_else(|| missing("packaging group", "PACKAGING_GROUP_ID"))?,
+            id: AssetId::derive_from(&packaging_group_id, &source_arn),
+            packaging_group_id,
             source_role_arn: defaults
                 .source_role_arn
                 .clone()

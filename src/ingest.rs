@@ -1,8 +1,14 @@
 //! One SQS batch in, one outcome per message, one `SqsBatchResponse` out.
+//!
+//! The batch runs in three steps: every message is processed ([`Ingestor::process_batch`]),
+//! the messages to retry that have no delivery or visibility time left are sent to the
+//! dead-letter queue with their reason, and the rest get the visibility timeout the
+//! [`crate::redelivery`] policy gives them. Each step is bounded by the invocation's deadline.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,15 +23,24 @@ use crate::config::Config;
 use crate::drain::DrainGauge;
 use crate::envelope::parse_body;
 use crate::limiter::{LimiterConfig, RateLimiter};
-use crate::mediapackage::{ApiError, AssetApi, ErrorKind};
-use crate::message::{AssetId, AssetRequest, Defaults, InvalidMessage, Refused, SourceArn};
+use crate::mediapackage::{ApiError, AssetApi, ErrorKind, ExistingAsset};
+use crate::message::{
+    AssetId, AssetRequest, Defaults, InvalidMessage, PackagingGroupId, Refused, RoleArn, SourceArn,
+};
+pub use crate::redelivery::Redelivery;
+use crate::redelivery::{
+    can_delay, deadline_margin, fits_an_attempt, slot_wait, Budget, Delays, Need, MIN_ATTEMPT,
+};
 use crate::sqs::{DeadLetter, QueueApi, VisibilityChange};
+
+/// Kept free at the very end of the invocation for the runtime to send the response.
+const RESPONSE_TIME: Duration = Duration::from_millis(50);
 
 /// Why a message did not become an asset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// A short code: the AWS error code, or one of this function's (`InvalidMessage`,
-    /// `AssetIdConflict`, `DeadlineReached`, `Panic`).
+    /// `AssetIdConflict`, `DeadlineReached`, `RetriesExhausted`, `Panic`).
     pub code: String,
     /// The reason, for people.
     pub reason: String,
@@ -73,13 +88,14 @@ pub enum Outcome {
         /// The new asset's ARN.
         arn: Option<String>,
     },
-    /// The asset already existed with the same source: a redelivery after success.
+    /// The asset already existed as asked (same id, source, packaging group and role): a
+    /// redelivery after success.
     AlreadyExists,
     /// Nothing to create (an `s3:TestEvent`, objects that are no manifests, other S3 events):
     /// acknowledged, with the reason.
     Skipped(String),
-    /// Cannot succeed, and is now in the dead-letter queue with the reason: acknowledged, so
-    /// it costs no more invocations.
+    /// Cannot succeed, or ran out of deliveries, and is now in the dead-letter queue with the
+    /// reason: acknowledged, so it costs no more invocations.
     DeadLettered(Failure),
     /// Not done now; SQS must deliver the message again, after the delay the
     /// [`Redelivery`] says.
@@ -106,31 +122,6 @@ impl Outcome {
     }
 }
 
-/// When a message to retry should come back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Redelivery {
-    /// Exponential backoff with full jitter from the message's receive count.
-    Backoff,
-    /// No request slot was free in time: come back when the rate limiter expects room (booked
-    /// no further ahead than half the backoff ceiling for the message's receive count), or
-    /// within the time the queue's backlog has left once that is known ([`crate::drain`]).
-    After(Duration),
-    /// No request slot was free in time and none could be booked within this horizon: come
-    /// back at a random time within it (full jitter, never past the backoff ceiling), or within
-    /// the time the queue's backlog has left once that is known. Not the whole backoff ceiling:
-    /// the horizon is already the furthest this message should be away, and measured on
-    /// `make bench`, single messages drawn up to twice it (32-45 s ahead on scenario B) came
-    /// back after everything else was done and set the drain time.
-    Within(Duration),
-    /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
-    Quota,
-    /// Leave the queue's own visibility timeout in place.
-    Queue,
-    /// Visible again at once: a FIFO message kept back behind a failed one of its group, which
-    /// SQS will not deliver before that one anyway.
-    Immediate,
-}
-
 /// Why a rate-limited call stopped.
 enum Stop {
     /// The API answered with an error that another attempt now cannot fix, or attempts ran out.
@@ -141,6 +132,8 @@ enum Stop {
         redelivery: Redelivery,
         last: Option<ApiError>,
     },
+    /// The invocation's deadline came first: no time for an attempt, or the call was cut.
+    Deadline { last: Option<ApiError> },
 }
 
 impl Stop {
@@ -158,6 +151,18 @@ impl Stop {
                     Failure::from,
                 ),
                 redelivery,
+            ),
+            Stop::Deadline { last } => Outcome::Retry(
+                Failure::new(
+                    "DeadlineReached",
+                    match last {
+                        Some(last) => format!(
+                            "the invocation deadline came before the message was done (last error {last})"
+                        ),
+                        None => "the invocation deadline came before the message was done".into(),
+                    },
+                ),
+                Redelivery::Backoff,
             ),
         }
     }
@@ -198,10 +203,54 @@ pub fn deadline_instant(deadline_ms: u64) -> Instant {
     if deadline_ms < EPOCH_MS_FLOOR {
         return Instant::now() + Duration::from_millis(deadline_ms);
     }
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = epoch_ms();
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The points in an invocation's time that bound its work.
+#[derive(Debug, Clone, Copy)]
+struct Stops {
+    /// No API attempt starts after this: one of [`MIN_ATTEMPT`] must fit before `hard_stop`.
+    last_start: Instant,
+    /// API calls are cut here; the time after it is for reporting.
+    hard_stop: Instant,
+    /// Dead-letter sends and visibility changes end here, just before the deadline.
+    report: Instant,
+}
+
+/// One message's turn at the API: what decides how long its calls may wait for a request
+/// slot and when they must stop.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn<'a> {
+    queue_arn: Option<&'a str>,
+    receives: u32,
+    fifo: bool,
+    several: bool,
+    last_start: Instant,
+    hard_stop: Instant,
+    horizon: Duration,
+}
+
+impl Turn<'_> {
+    /// A turn for tests and tools: a first delivery of a standard queue's message, which may
+    /// wait as long as `PERMIT_WAIT_MS` allows and whose calls must end by `deadline`.
+    pub fn until(deadline: Instant) -> Self {
+        Self {
+            queue_arn: None,
+            receives: 1,
+            fifo: false,
+            several: false,
+            last_start: deadline,
+            hard_stop: deadline,
+            horizon: crate::backoff::SQS_MAX_VISIBILITY,
+        }
+    }
 }
 
 /// The function: configuration, the ports and the rate limiter, built once at cold start and
@@ -213,6 +262,9 @@ pub struct Ingestor<A> {
     gauge: DrainGauge,
     config: Config,
     defaults: Defaults,
+    /// Each source queue's `maxReceiveCount`, read once.
+    receive_limits: Mutex<HashMap<String, Option<u32>>>,
+    warned_short_timeout: AtomicBool,
 }
 
 impl<A: AssetApi> Ingestor<A> {
@@ -222,11 +274,17 @@ impl<A: AssetApi> Ingestor<A> {
             packaging_group_id: config.packaging_group_id.clone(),
             source_role_arn: config.source_role_arn.clone(),
         };
+        let fallback = LimiterConfig::default();
         let limiter = RateLimiter::new(LimiterConfig {
-            initial_rate: config.initial_rate,
+            // No evidence of a quota yet: probe, unless a rate or a ceiling is given.
+            probe: config.initial_rate.is_none() && config.max_rate.is_none(),
+            initial_rate: config
+                .initial_rate
+                .or(config.max_rate)
+                .unwrap_or(fallback.initial_rate),
             max_rate: config.max_rate,
             burst: config.burst,
-            ..LimiterConfig::default()
+            ..fallback
         });
         Self {
             api,
@@ -235,11 +293,14 @@ impl<A: AssetApi> Ingestor<A> {
             gauge: DrainGauge::default(),
             config,
             defaults,
+            receive_limits: Mutex::default(),
+            warned_short_timeout: AtomicBool::new(false),
         }
     }
 
-    /// Sets message visibility through `queue` for messages to retry. Without a queue, retried
-    /// messages come back after the queue's own visibility timeout.
+    /// Sets message visibility through `queue` for messages to retry, and sends what cannot
+    /// succeed to its dead-letter queue. Without a queue, retried messages come back after the
+    /// queue's own visibility timeout.
     pub fn with_queue(mut self, queue: impl QueueApi + 'static) -> Self {
         self.queue = Some(Box::new(queue));
         self
@@ -277,16 +338,19 @@ impl<A: AssetApi> Ingestor<A> {
         Ok(self.handle_batch(&event.payload.records, deadline).await?)
     }
 
-    /// Processes `records`, delays the redelivery of those to retry, and returns the batch
-    /// response: the whole invocation, given its deadline.
+    /// Processes `records`, dead-letters those out of deliveries, delays the redelivery of
+    /// the rest to retry, and returns the batch response: the whole invocation, given its
+    /// deadline.
     pub async fn handle_batch(
         &self,
         records: &[SqsMessage],
         deadline: Instant,
     ) -> Result<SqsBatchResponse, MissingMessageId> {
+        let report = deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline);
         let outcomes = self.process_batch(records, deadline).await;
+        let outcomes = self.retire_exhausted(records, outcomes, report).await;
         let response = batch_response(records, &outcomes)?;
-        self.delay_redeliveries(records, &outcomes).await;
+        self.delay_redeliveries(records, &outcomes, report).await;
         tracing::info!(
             messages = records.len(),
             redeliver = response.batch_item_failures.len(),
@@ -296,16 +360,40 @@ impl<A: AssetApi> Ingestor<A> {
         Ok(response)
     }
 
+    /// The bounds of an invocation that must be done by `deadline`, with a margin that scales
+    /// with the time it has ([`deadline_margin`]).
+    fn stops(&self, deadline: Instant) -> Stops {
+        let now = Instant::now();
+        let budget = deadline.saturating_duration_since(now);
+        let margin = deadline_margin(budget, self.config.deadline_margin);
+        if !fits_an_attempt(budget, self.config.deadline_margin)
+            && !self.warned_short_timeout.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                budget_ms = budget.as_millis() as u64,
+                margin_ms = margin.as_millis() as u64,
+                min_attempt_ms = MIN_ATTEMPT.as_millis() as u64,
+                "the invocation is too short for any MediaPackage VOD call: raise the function \
+                 timeout (Timeout, at least 1 s; 3 s or more recommended) or lower DEADLINE_MARGIN_MS"
+            );
+        }
+        let hard_stop = deadline.checked_sub(margin).unwrap_or(now);
+        Stops {
+            // In the past when no attempt fits: then nothing starts.
+            last_start: hard_stop.checked_sub(MIN_ATTEMPT).unwrap_or(now),
+            hard_stop,
+            report: deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline),
+        }
+    }
+
     /// Processes every record and returns one outcome per record in record order. At most
     /// `MAX_CONCURRENCY` messages run at once; the messages of one FIFO message group run one
     /// after another, and after the first failure in a group the rest of that group are kept
-    /// back without calling the API. Two messages for the same asset make one call. Nothing
-    /// starts unless an API attempt can finish before `deadline` minus the margin, and whatever
-    /// is still running then is cut and reported.
+    /// back without calling the API. Two messages for the same asset make one call. Bodies are
+    /// parsed, and poison ones dead-lettered, whatever the time left; no API attempt starts
+    /// unless one can finish before `deadline` less the margin, and every call is cut there.
     pub async fn process_batch(&self, records: &[SqsMessage], deadline: Instant) -> Vec<Outcome> {
-        let hard_stop = deadline
-            .checked_sub(self.config.deadline_margin)
-            .unwrap_or_else(Instant::now);
+        let stops = self.stops(deadline);
         let outcomes: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; records.len()]);
         let calls = Calls::default();
         // Collected first so the futures have one concrete type, which keeps the whole batch
@@ -320,7 +408,7 @@ impl<A: AssetApi> Ingestor<A> {
                         let record = &records[index];
                         let outcome = match failed {
                             Some(first) => kept_back(record, &records[first]),
-                            None => self.process_record(record, hard_stop, calls).await,
+                            None => self.process_record(record, stops, calls).await,
                         };
                         if failed.is_none() && outcome.must_redeliver() {
                             failed = Some(index);
@@ -333,7 +421,9 @@ impl<A: AssetApi> Ingestor<A> {
         let work = futures::stream::iter(tasks)
             .buffer_unordered(self.config.max_concurrency)
             .collect::<()>();
-        if tokio::time::timeout_at(hard_stop, work).await.is_err() {
+        // Every wait and call ends by the hard stop on its own; this only guards the reporting
+        // time against anything that does not.
+        if tokio::time::timeout_at(stops.report, work).await.is_err() {
             tracing::warn!("deadline reached; reporting unfinished messages for redelivery");
         }
         let outcomes = outcomes.into_inner().expect("outcomes");
@@ -342,13 +432,7 @@ impl<A: AssetApi> Ingestor<A> {
             .zip(records)
             .map(|(outcome, record)| {
                 outcome.unwrap_or_else(|| {
-                    let outcome = Outcome::Retry(
-                        Failure::new(
-                            "DeadlineReached",
-                            "the invocation deadline came before the message was done",
-                        ),
-                        Redelivery::Backoff,
-                    );
+                    let outcome = Stop::Deadline { last: None }.into_outcome();
                     log_outcome(record.message_id.as_deref(), &outcome);
                     outcome
                 })
@@ -356,12 +440,7 @@ impl<A: AssetApi> Ingestor<A> {
             .collect()
     }
 
-    async fn process_record(
-        &self,
-        record: &SqsMessage,
-        hard_stop: Instant,
-        calls: &Calls,
-    ) -> Outcome {
+    async fn process_record(&self, record: &SqsMessage, stops: Stops, calls: &Calls) -> Outcome {
         let message_id = record.message_id.as_deref().unwrap_or("");
         let span = tracing::info_span!(
             "message",
@@ -370,35 +449,7 @@ impl<A: AssetApi> Ingestor<A> {
             asset_id = field::Empty
         );
         async move {
-            let now = Instant::now();
-            let Some(last_start) = hard_stop.checked_sub(self.config.api_attempt_timeout) else {
-                return not_started();
-            };
-            if now > last_start {
-                return not_started();
-            }
-            // On its last delivery a message waits for a slot as long as the invocation allows:
-            // handed back, SQS would dead-letter it with no reason given.
-            let receives = receive_count(record);
-            let last_delivery = self
-                .config
-                .max_receive_count
-                .is_some_and(|max| receives >= max);
-            // A booking reaches no further than half the backoff ceiling for this receive: a
-            // message the instance cannot serve soon comes back soon, to be booked again from
-            // what the limiter has learned by then, rather than sitting out a booking made from
-            // a rate that was still being found; one that cannot be booked within it comes back
-            // at a random time within it. (Measured: the whole ceiling, or twice it, drained
-            // scenario B of `make bench` later; a quarter of it, later on A.)
-            let window = Window {
-                latest: if last_delivery {
-                    last_start
-                } else {
-                    last_start.min(now + self.config.permit_wait)
-                },
-                horizon: self.backoff().ceiling(receives) / 2,
-            };
-            let work = AssertUnwindSafe(self.process_body(record.body.as_deref(), window, calls));
+            let work = AssertUnwindSafe(self.process_body(record, stops, calls));
             let outcome = work.catch_unwind().await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -407,14 +458,8 @@ impl<A: AssetApi> Ingestor<A> {
                     .unwrap_or_else(|| "unknown panic".into());
                 Outcome::Retry(Failure::new("Panic", what), Redelivery::Queue)
             });
-            let outcome = self.dead_letter(record, outcome).await;
+            let outcome = self.dead_letter(record, outcome, stops.report).await;
             log_outcome(None, &outcome);
-            if last_delivery && matches!(outcome, Outcome::Retry(..)) {
-                tracing::error!(
-                    receives,
-                    "not done on its last delivery (MAX_RECEIVE_COUNT): SQS will move it to the dead-letter queue"
-                );
-            }
             outcome
         }
         .instrument(span)
@@ -422,10 +467,10 @@ impl<A: AssetApi> Ingestor<A> {
     }
 
     /// Parses one body of any accepted shape, checks what it asks for against the source
-    /// policy, and creates its assets (one call per distinct asset in the batch), taking request
-    /// slots within `window`. A body naming several assets succeeds or fails as one message.
-    async fn process_body(&self, body: Option<&str>, window: Window, calls: &Calls) -> Outcome {
-        let parsed = match parse_body(body.unwrap_or(""), &self.defaults) {
+    /// policy, and creates its assets (one call per distinct asset in the batch). A body naming
+    /// several assets succeeds or fails as one message.
+    async fn process_body(&self, record: &SqsMessage, stops: Stops, calls: &Calls) -> Outcome {
+        let parsed = match parse_body(record.body.as_deref().unwrap_or(""), &self.defaults) {
             Ok(parsed) => parsed,
             Err(invalid) => return Outcome::Permanent(invalid.into()),
         };
@@ -441,24 +486,43 @@ impl<A: AssetApi> Ingestor<A> {
         {
             return Outcome::Permanent(refused.into());
         }
-        match parsed.requests.as_slice() {
-            [] => Outcome::Skipped(
+        if parsed.requests.is_empty() {
+            return Outcome::Skipped(
                 parsed
                     .skipped
                     .iter()
                     .map(|s| format!("{}: {}", s.what, s.reason))
                     .collect::<Vec<_>>()
                     .join("; "),
-            ),
+            );
+        }
+        if Instant::now() > stops.last_start {
+            return Stop::Deadline { last: None }.into_outcome();
+        }
+        let receives = receive_count(record);
+        let turn = Turn {
+            queue_arn: record.event_source_arn.as_deref(),
+            receives,
+            fifo: fifo_group(record).is_some(),
+            several: parsed.requests.len() > 1,
+            last_start: stops.last_start,
+            hard_stop: stops.hard_stop,
+            // A booking reaches no further than half the backoff ceiling for this receive: a
+            // message the instance cannot serve soon comes back soon, to be booked again from
+            // what the limiter has learned by then. (Measured: the whole ceiling, or twice it,
+            // drained scenario B of `make bench` later; a quarter of it, later on A.)
+            horizon: self.delays().backoff.ceiling(receives) / 2,
+        };
+        match parsed.requests.as_slice() {
             [request] => {
                 span.record("asset_id", request.id.as_str());
-                calls.create(self, request, window).await
+                calls.create(self, request, &turn).await
             }
             requests => {
                 let ids: Vec<_> = requests.iter().map(|r| r.id.as_str()).collect();
                 span.record("asset_id", field::display(ids.join(",")));
                 let outcomes = futures::future::join_all(
-                    requests.iter().map(|r| calls.create(self, r, window)),
+                    requests.iter().map(|r| calls.create(self, r, &turn)),
                 )
                 .await;
                 for (request, outcome) in requests.iter().zip(&outcomes) {
@@ -469,15 +533,9 @@ impl<A: AssetApi> Ingestor<A> {
         }
     }
 
-    /// Sends a permanent failure to the dead-letter queue and acknowledges it; if there is no
-    /// queue port, no dead-letter queue or the send fails, it stays a failure to redeliver.
-    async fn dead_letter(&self, record: &SqsMessage, outcome: Outcome) -> Outcome {
-        let (Outcome::Permanent(failure), Some(queue), Some(queue_arn)) =
-            (&outcome, &self.queue, record.event_source_arn.as_deref())
-        else {
-            return outcome;
-        };
-        let letter = DeadLetter {
+    /// The dead letter for `record`, failed with `failure`.
+    fn letter(&self, record: &SqsMessage, failure: &Failure, last: Option<&Failure>) -> DeadLetter {
+        DeadLetter {
             body: record.body.clone().unwrap_or_default(),
             message_id: record.message_id.clone().unwrap_or_default(),
             message_group_id: fifo_group(record).map(str::to_string),
@@ -485,70 +543,252 @@ impl<A: AssetApi> Ingestor<A> {
             code: failure.code.clone(),
             reason: failure.reason.clone(),
             request_id: failure.request_id.clone(),
+            last_error: last.map(|l| format!("{}: {}", l.code, l.reason)),
+        }
+    }
+
+    /// Sends `letter` to the dead-letter queue of `record`'s queue before `until`. The send and
+    /// its outcome stay together: a send still running at `until` counts as not done, and the
+    /// message is reported for redelivery (if SQS took it after all, the dead-letter queue holds
+    /// a second copy with the same `OriginalMessageId`).
+    async fn send_letter(&self, record: &SqsMessage, letter: &DeadLetter, until: Instant) -> bool {
+        let (Some(queue), Some(queue_arn)) = (&self.queue, record.event_source_arn.as_deref())
+        else {
+            return false;
         };
-        match queue.dead_letter(queue_arn, &letter).await {
-            Ok(()) => Outcome::DeadLettered(failure.clone()),
-            Err(error) => {
+        match tokio::time::timeout_at(until, queue.dead_letter(queue_arn, letter)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
                 tracing::warn!(
                     code = error.code,
                     error = error.message,
                     "could not send to the dead-letter queue; reported for redelivery instead"
                 );
-                outcome
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the dead-letter send was cut by the invocation deadline; reported for redelivery instead"
+                );
+                false
             }
         }
     }
 
-    /// CreateAsset, with an existing id settled by DescribeAsset: the same source is a
-    /// redelivery after success, another source is a conflict. Every call takes a slot from the
-    /// rate limiter within `window`.
-    pub async fn create(&self, request: &AssetRequest, window: Window) -> Outcome {
+    /// Sends a permanent failure to the dead-letter queue and acknowledges it; if there is no
+    /// queue port, no dead-letter queue or the send fails, it stays a failure to redeliver.
+    async fn dead_letter(&self, record: &SqsMessage, outcome: Outcome, until: Instant) -> Outcome {
+        let Outcome::Permanent(failure) = &outcome else {
+            return outcome;
+        };
+        let letter = self.letter(record, failure, None);
+        if self.send_letter(record, &letter, until).await {
+            Outcome::DeadLettered(failure.clone())
+        } else {
+            outcome
+        }
+    }
+
+    /// Sends to the dead-letter queue, with `ErrorCode` `RetriesExhausted`, every message to
+    /// retry that SQS would otherwise move there without a reason: on its last delivery, or
+    /// with no visibility time left to be kept away. A FIFO group's messages go in order.
+    async fn retire_exhausted(
+        &self,
+        records: &[SqsMessage],
+        mut outcomes: Vec<Outcome>,
+        until: Instant,
+    ) -> Vec<Outcome> {
+        if self.queue.is_none() || !outcomes.iter().any(|o| matches!(o, Outcome::Retry(..))) {
+            return outcomes;
+        }
+        let now_ms = epoch_ms();
+        let retire = |index: usize| {
+            let record = &records[index];
+            let outcome = &outcomes[index];
+            async move {
+                let Outcome::Retry(last, redelivery) = outcome else {
+                    return None;
+                };
+                let receives = receive_count(record);
+                let max = self.receive_limit(record.event_source_arn.as_deref()).await;
+                let budget = Budget {
+                    receives,
+                    max_receives: max,
+                };
+                let why = if budget.is_last() {
+                    format!(
+                        "not done on its last delivery (receive {receives} of maxReceiveCount {})",
+                        max.unwrap_or_default()
+                    )
+                } else if !can_delay(*redelivery, since_first_receive(record, now_ms)) {
+                    "no visibility time left: SQS keeps a message away at most 12 hours since its first receive".to_string()
+                } else {
+                    return None;
+                };
+                let failure = Failure {
+                    code: "RetriesExhausted".into(),
+                    reason: format!("{why}; last error {}: {}", last.code, last.reason),
+                    request_id: last.request_id.clone(),
+                };
+                let letter = self.letter(record, &failure, Some(last));
+                if self.send_letter(record, &letter, until).await {
+                    let outcome = Outcome::DeadLettered(failure);
+                    log_outcome(record.message_id.as_deref(), &outcome);
+                    Some((index, outcome))
+                } else {
+                    tracing::error!(
+                        message_id = record.message_id.as_deref(),
+                        reason = failure.reason,
+                        "out of deliveries and not dead-lettered; SQS will move it to the dead-letter queue without a reason"
+                    );
+                    None
+                }
+            }
+        };
+        let per_lane = lanes(records).into_iter().map(|lane| {
+            let retire = &retire;
+            async move {
+                let mut done = Vec::new();
+                for index in lane {
+                    done.extend(retire(index).await);
+                }
+                done
+            }
+        });
+        let retired: Vec<(usize, Outcome)> = futures::future::join_all(per_lane)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for (index, outcome) in retired {
+            outcomes[index] = outcome;
+        }
+        outcomes
+    }
+
+    /// The `maxReceiveCount` of the queue `queue_arn`: `MAX_RECEIVE_COUNT` if set, else its
+    /// redrive policy's, read once per queue. `None` if neither is known.
+    async fn receive_limit(&self, queue_arn: Option<&str>) -> Option<u32> {
+        if let Some(max) = self.config.max_receive_count {
+            return Some(max);
+        }
+        let (Some(queue), Some(arn)) = (&self.queue, queue_arn) else {
+            return None;
+        };
+        if let Some(known) = self.receive_limits.lock().expect("limits").get(arn) {
+            return *known;
+        }
+        match queue.max_receive_count(arn).await {
+            Ok(max) => {
+                self.receive_limits
+                    .lock()
+                    .expect("limits")
+                    .insert(arn.to_string(), max);
+                max
+            }
+            Err(error) => {
+                tracing::warn!(
+                    queue = arn,
+                    code = error.code,
+                    error = error.message,
+                    "could not read the queue's maxReceiveCount; set MAX_RECEIVE_COUNT"
+                );
+                None
+            }
+        }
+    }
+
+    /// The latest moment a call of `turn` may start: a short wait while its message may still
+    /// go back to the queue, else as late as the invocation allows ([`slot_wait`]).
+    async fn latest(&self, turn: &Turn<'_>, follow_up: bool) -> Instant {
+        let stats = self.limiter.stats();
+        // A probing limiter never refuses a slot; FIFO messages and bodies of several objects
+        // wait whatever the budget: no need to look the budget up.
+        if stats.probing || turn.fifo || turn.several {
+            return turn.last_start;
+        }
+        let need = Need {
+            budget: Budget {
+                receives: turn.receives,
+                max_receives: self.receive_limit(turn.queue_arn).await,
+            },
+            fifo: turn.fifo,
+            several: turn.several,
+            follow_up,
+        };
+        let interval = Duration::from_secs_f64(1.0 / stats.rate);
+        match slot_wait(need, self.config.permit_wait, interval) {
+            Some(wait) => (Instant::now() + wait).min(turn.last_start),
+            None => turn.last_start,
+        }
+    }
+
+    /// CreateAsset, with a refusal settled by DescribeAsset: the asset as asked (same source,
+    /// packaging group and role) is a redelivery after success, another one is a conflict. A
+    /// redelivered body of several objects looks each one up first, so the objects made on an
+    /// earlier delivery cost one call, not two, and the body makes progress on every delivery.
+    /// Every call takes a slot from the rate limiter.
+    pub async fn create(&self, request: &AssetRequest, turn: &Turn<'_>) -> Outcome {
+        if turn.several && turn.receives > 1 {
+            match self
+                .limited(turn, false, || self.api.describe_asset(&request.id))
+                .await
+            {
+                Ok(Some(existing)) => return settle(request, &existing),
+                Ok(None) => {}
+                Err(stop) => return stop.into_outcome(),
+            }
+        }
         let refused = match self
-            .limited(window, || self.api.create_asset(request))
+            .limited(turn, false, || self.api.create_asset(request))
             .await
         {
             Ok(arn) => return Outcome::Created { arn },
-            Err(Stop::Api(error)) if error.kind == ErrorKind::Unprocessable => error,
+            // Which code CreateAsset answers for an existing id is not documented: any refusal
+            // a retry cannot fix, but 403 and 404 (an unknown packaging group), is checked.
+            Err(Stop::Api(error))
+                if matches!(error.kind, ErrorKind::Unprocessable | ErrorKind::Permanent) =>
+            {
+                error
+            }
             Err(stop) => return stop.into_outcome(),
         };
         match self
-            .limited(window, || self.api.describe_asset(&request.id))
+            .limited(turn, true, || self.api.describe_asset(&request.id))
             .await
         {
-            Ok(Some(existing)) if existing.source_arn == request.source_arn.as_str() => {
-                Outcome::AlreadyExists
-            }
-            Ok(Some(existing)) => Outcome::Permanent(Failure::new(
-                "AssetIdConflict",
-                format!(
-                    "asset {} already exists with source {}, not {}",
-                    request.id, existing.source_arn, request.source_arn
-                ),
-            )),
+            Ok(Some(existing)) => settle(request, &existing),
             Ok(None) => Outcome::Permanent(refused.into()),
             Err(stop) => stop.into_outcome(),
         }
     }
 
     /// Makes `call` through the rate limiter, up to `API_MAX_ATTEMPTS` times while it is
-    /// throttled or fails transiently, and teaches the limiter from each answer. Never sleeps
-    /// past `window.latest`.
-    async fn limited<T, F, Fut>(&self, window: Window, call: F) -> Result<T, Stop>
+    /// throttled or fails transiently, and teaches the limiter from each answer. Each attempt
+    /// waits for its own slot ([`Ingestor::latest`]) and is cut at the turn's hard stop.
+    async fn limited<T, F, Fut>(&self, turn: &Turn<'_>, follow_up: bool, call: F) -> Result<T, Stop>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let mut last = None;
-        for _ in 0..self.config.api_max_attempts {
-            let permit = match self.limiter.acquire(window.latest, window.horizon).await {
+        for attempt in 0..self.config.api_max_attempts {
+            if Instant::now() > turn.last_start {
+                return Err(Stop::Deadline { last });
+            }
+            let latest = self.latest(turn, follow_up || attempt > 0).await;
+            let permit = match self.limiter.acquire(latest, turn.horizon).await {
                 Ok(permit) => permit,
                 Err(eta) => {
                     let redelivery =
-                        eta.map_or(Redelivery::Within(window.horizon), Redelivery::After);
+                        eta.map_or(Redelivery::Within(turn.horizon), Redelivery::After);
                     return Err(Stop::NoSlot { redelivery, last });
                 }
             };
-            match call().await {
+            let Ok(result) = tokio::time::timeout_at(turn.hard_stop, call()).await else {
+                return Err(Stop::Deadline { last });
+            };
+            match result {
                 Ok(value) => {
                     self.limiter.on_success(&permit);
                     return Ok(value);
@@ -572,17 +812,22 @@ impl<A: AssetApi> Ingestor<A> {
         Err(Stop::Api(last.expect("at least one attempt")))
     }
 
-    fn backoff(&self) -> Backoff {
-        Backoff {
-            base: self.config.redelivery_base,
-            cap: self.config.redelivery_cap,
+    fn delays(&self) -> Delays {
+        Delays {
+            backoff: Backoff {
+                base: self.config.redelivery_base,
+                cap: self.config.redelivery_cap,
+            },
+            quota: self.config.quota_redelivery,
+            fifo_cap: self.config.fifo_redelivery_cap,
         }
     }
 
     /// The visibility timeout each message to retry gets, from its [`Redelivery`] and receive
-    /// count; `None` where the queue's own timeout applies. A message that got no request slot
-    /// comes back at a random time within its queue's entry in `spreads` (the backlog's
-    /// expected time left, see [`crate::drain`]) when there is one. `unit` draws the jitter.
+    /// count ([`Delays::delay`]); `None` where the queue's own timeout applies. A message that
+    /// got no request slot comes back at a random time within its queue's entry in `spreads`
+    /// (the backlog's expected time left, see [`crate::drain`]) when there is one. `unit` draws
+    /// the jitter.
     pub fn redelivery_delays(
         &self,
         records: &[SqsMessage],
@@ -590,10 +835,8 @@ impl<A: AssetApi> Ingestor<A> {
         spreads: &BTreeMap<&str, Duration>,
         mut unit: impl FnMut() -> f64,
     ) -> Vec<Option<i32>> {
-        let backoff = self.backoff();
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let delays = self.delays();
+        let now_ms = epoch_ms();
         records
             .iter()
             .zip(outcomes)
@@ -601,38 +844,18 @@ impl<A: AssetApi> Ingestor<A> {
                 let Outcome::Retry(_, redelivery) = outcome else {
                     return None;
                 };
-                let attribute = |name: &str| {
-                    record
-                        .attributes
-                        .get(name)
-                        .and_then(|v| v.parse::<u64>().ok())
-                };
-                let receives = receive_count(record);
                 let spread = record
                     .event_source_arn
                     .as_deref()
-                    .and_then(|arn| spreads.get(arn));
-                let delay = match (redelivery, spread) {
-                    // Spread over the time the backlog has left, like every other instance's
-                    // hand-backs, rather than on this instance's own booking line.
-                    (Redelivery::After(_) | Redelivery::Within(_), Some(spread)) => {
-                        backoff.delay_within(receives, *spread, unit())
-                    }
-                    // The booked slot, as it is: the limiter's estimate of when this instance
-                    // has room, already bounded by the backoff ceiling (see `process_record`).
-                    (Redelivery::After(eta), None) => *eta,
-                    (Redelivery::Within(horizon), None) => {
-                        backoff.delay_within(receives, *horizon, unit())
-                    }
-                    (Redelivery::Backoff, _) => backoff.delay(receives, unit()),
-                    (Redelivery::Quota, _) => self.config.quota_redelivery,
-                    (Redelivery::Immediate, _) => Duration::ZERO,
-                    (Redelivery::Queue, _) => return None,
-                }
-                .min(crate::backoff::SQS_MAX_VISIBILITY);
-                let first_receive = attribute("ApproximateFirstReceiveTimestamp").unwrap_or(now_ms);
-                let since = Duration::from_millis(now_ms.saturating_sub(first_receive));
-                Some(visibility_seconds(delay, since))
+                    .and_then(|arn| spreads.get(arn))
+                    .copied();
+                let fifo = fifo_group(record).is_some();
+                let delay =
+                    delays.delay(*redelivery, receive_count(record), spread, fifo, unit())?;
+                Some(visibility_seconds(
+                    delay,
+                    since_first_receive(record, now_ms),
+                ))
             })
             .collect()
     }
@@ -644,6 +867,7 @@ impl<A: AssetApi> Ingestor<A> {
         queue: &dyn QueueApi,
         records: &'r [SqsMessage],
         outcomes: &[Outcome],
+        until: Instant,
     ) -> BTreeMap<&'r str, Duration> {
         let unbooked = records
             .iter()
@@ -659,13 +883,17 @@ impl<A: AssetApi> Ingestor<A> {
         let mut spreads = BTreeMap::new();
         for arn in arns {
             if self.gauge.due(arn, Instant::now()) {
-                match queue.depth(arn).await {
-                    Ok(depth) => self.gauge.observe(arn, Instant::now(), depth),
-                    Err(error) => tracing::debug!(
+                match tokio::time::timeout_at(until, queue.depth(arn)).await {
+                    Ok(Ok(depth)) => self.gauge.observe(arn, Instant::now(), depth),
+                    Ok(Err(error)) => tracing::debug!(
                         queue = arn,
                         code = error.code,
                         error = error.message,
                         "could not read the queue's depth; handed-back messages keep their booking"
+                    ),
+                    Err(_) => tracing::debug!(
+                        queue = arn,
+                        "no time left to read the queue's depth; handed-back messages keep their booking"
                     ),
                 }
             }
@@ -677,13 +905,27 @@ impl<A: AssetApi> Ingestor<A> {
     }
 
     /// Sets the visibility timeout of every message to retry, so SQS delivers it again when it
-    /// stands a chance. A message whose visibility cannot be changed is still reported: the
-    /// queue's own visibility timeout then applies, and nothing is lost.
-    pub async fn delay_redeliveries(&self, records: &[SqsMessage], outcomes: &[Outcome]) {
+    /// stands a chance, all before `until`. The queue's depth, which only refines the delays, is
+    /// read in the first quarter of the time left at most. A message whose visibility cannot be
+    /// changed in time is still reported: the queue's own visibility timeout then applies, and
+    /// nothing is lost.
+    pub async fn delay_redeliveries(
+        &self,
+        records: &[SqsMessage],
+        outcomes: &[Outcome],
+        until: Instant,
+    ) {
         let Some(queue) = &self.queue else {
             return;
         };
-        let spreads = self.spreads(queue.as_ref(), records, outcomes).await;
+        if !outcomes.iter().any(|o| matches!(o, Outcome::Retry(..))) {
+            return;
+        }
+        let now = Instant::now();
+        let depth_until = now + until.saturating_duration_since(now) / 4;
+        let spreads = self
+            .spreads(queue.as_ref(), records, outcomes, depth_until)
+            .await;
         let delays = self.redelivery_delays(records, outcomes, &spreads, fastrand::f64);
         let mut by_queue: BTreeMap<&str, (Vec<VisibilityChange>, Vec<&str>)> = BTreeMap::new();
         for (record, delay) in records.iter().zip(delays) {
@@ -701,30 +943,64 @@ impl<A: AssetApi> Ingestor<A> {
             });
             entry.1.push(record.message_id.as_deref().unwrap_or(""));
         }
-        for (arn, (changes, message_ids)) in by_queue {
-            let results = queue.change_visibility(arn, &changes).await;
-            for ((result, change), message_id) in results.iter().zip(&changes).zip(message_ids) {
-                match result {
-                    Ok(()) => {
-                        tracing::debug!(message_id, seconds = change.seconds, "redelivery delayed")
+        let changes = by_queue
+            .iter()
+            .map(|(arn, (changes, message_ids))| async move {
+                let results = queue.change_visibility(arn, changes).await;
+                for ((result, change), message_id) in results.iter().zip(changes).zip(message_ids) {
+                    match result {
+                        Ok(()) => {
+                            tracing::debug!(
+                                message_id,
+                                seconds = change.seconds,
+                                "redelivery delayed"
+                            )
+                        }
+                        Err(error) => tracing::warn!(
+                            message_id,
+                            code = error.code,
+                            error = error.message,
+                            "could not delay redelivery; the queue's visibility timeout applies"
+                        ),
                     }
-                    Err(error) => tracing::warn!(
-                        message_id,
-                        code = error.code,
-                        error = error.message,
-                        "could not delay redelivery; the queue's visibility timeout applies"
-                    ),
                 }
-            }
+            });
+        if tokio::time::timeout_at(until, futures::future::join_all(changes))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the invocation deadline came before every redelivery delay was set; the queue's visibility timeout applies to the rest"
+            );
         }
     }
 }
 
-/// The CreateAsset calls of one batch, one per asset id and source: a second message for the
-/// same asset waits for the first one's outcome and shares it.
+/// The outcome of a refused CreateAsset whose id exists: the asset as asked, or a conflict.
+fn settle(request: &AssetRequest, existing: &ExistingAsset) -> Outcome {
+    let differences = existing.differences(request);
+    if differences.is_empty() {
+        Outcome::AlreadyExists
+    } else {
+        Outcome::Permanent(Failure::new(
+            "AssetIdConflict",
+            format!(
+                "asset {} already exists with {}",
+                request.id,
+                differences.join(", ")
+            ),
+        ))
+    }
+}
+
+/// One asset: the same id, source, packaging group and role.
+type AssetKey = (AssetId, SourceArn, PackagingGroupId, RoleArn);
+
+/// The CreateAsset calls of one batch, one per asset: a second message for the same asset
+/// waits for the first one's outcome and shares it.
 #[derive(Default)]
 struct Calls {
-    cells: Mutex<HashMap<(AssetId, SourceArn), Shared>>,
+    cells: Mutex<HashMap<AssetKey, Shared>>,
 }
 
 /// The outcome of one call, set once and read by every message that asked for it.
@@ -735,16 +1011,22 @@ impl Calls {
         &self,
         ingestor: &Ingestor<A>,
         request: &AssetRequest,
-        window: Window,
+        turn: &Turn<'_>,
     ) -> Outcome {
+        let key = (
+            request.id.clone(),
+            request.source_arn.clone(),
+            request.packaging_group_id.clone(),
+            request.source_role_arn.clone(),
+        );
         let cell = self
             .cells
             .lock()
             .expect("calls")
-            .entry((request.id.clone(), request.source_arn.clone()))
+            .entry(key)
             .or_default()
             .clone();
-        cell.get_or_init(|| ingestor.create(request, window))
+        cell.get_or_init(|| ingestor.create(request, turn))
             .await
             .clone()
     }
@@ -776,6 +1058,17 @@ fn receive_count(record: &SqsMessage) -> u32 {
         .get("ApproximateReceiveCount")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
+}
+
+/// How long ago the message was first received (`ApproximateFirstReceiveTimestamp`); zero if
+/// unknown.
+fn since_first_receive(record: &SqsMessage, now_ms: u64) -> Duration {
+    let first = record
+        .attributes
+        .get("ApproximateFirstReceiveTimestamp")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(now_ms);
+    Duration::from_millis(now_ms.saturating_sub(first))
 }
 
 /// The records as lanes that run concurrently, each in order: one lane per FIFO message
@@ -816,37 +1109,6 @@ fn kept_back(record: &SqsMessage, failed: &SqsMessage) -> Outcome {
     outcome
 }
 
-/// How long a message may wait for a request slot, and how far ahead it may be booked.
-#[derive(Debug, Clone, Copy)]
-pub struct Window {
-    /// The latest moment to start a call.
-    pub latest: Instant,
-    /// The furthest booking: beyond it the message comes back at a random time within it.
-    pub horizon: Duration,
-}
-
-impl Window {
-    /// A window for tests and tools: wait until `latest`, book without limit.
-    pub fn until(latest: Instant) -> Self {
-        Self {
-            latest,
-            horizon: crate::backoff::SQS_MAX_VISIBILITY,
-        }
-    }
-}
-
-fn not_started() -> Outcome {
-    let outcome = Outcome::Retry(
-        Failure::new(
-            "DeadlineReached",
-            "not started: no time left before the invocation deadline",
-        ),
-        Redelivery::Backoff,
-    );
-    log_outcome(None, &outcome);
-    outcome
-}
-
 fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
     match outcome {
         Outcome::Created { arn } => tracing::info!(arn, message_id, "asset created"),
@@ -857,7 +1119,7 @@ fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
             reason = f.reason,
             request_id = f.request_id,
             message_id,
-            "permanent failure; sent to the dead-letter queue"
+            "sent to the dead-letter queue"
         ),
         Outcome::Retry(f, Redelivery::Quota) => tracing::error!(
             code = f.code,
@@ -1200,7 +1462,7 @@ mod tests {
 
     fn slow_config() -> Config {
         Config {
-            initial_rate: 1.0,
+            initial_rate: Some(1.0),
             burst: Duration::ZERO,
             permit_wait: Duration::ZERO,
             packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
@@ -1261,23 +1523,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_message_on_its_last_delivery_waits_for_a_slot_instead_of_being_handed_back() {
+    async fn a_message_without_two_deliveries_to_spare_waits_for_a_slot_instead_of_being_handed_back(
+    ) {
         let config = Config {
             max_receive_count: Some(5),
             ..slow_config()
         };
         let ingestor = Ingestor::new(Instant0, config);
         let deadline = Instant::now() + Duration::from_secs(60);
-        // Fourth receive: one slot now, nine handed back, as with no maximum.
-        let fourth = ingestor.process_batch(&batch(4), deadline).await;
-        let handed_back = fourth.iter().filter(|o| o.must_redeliver()).count();
+        // Second receive of five: three deliveries left after a hand-back, so nine go back.
+        let second = ingestor.process_batch(&batch(2), deadline).await;
+        let handed_back = second.iter().filter(|o| o.must_redeliver()).count();
         assert_eq!(handed_back, 9);
-        // Fifth and last: every message waits its turn at the limiter's rate and is created.
+        // Third: a hand-back would leave only the two kept for real failures, so every message
+        // waits its turn at the limiter's rate and is created.
         let start = Instant::now();
-        let last = ingestor.process_batch(&batch(5), deadline).await;
+        let third = ingestor.process_batch(&batch(3), deadline).await;
         assert!(
-            last.iter().all(|o| matches!(o, Outcome::Created { .. })),
-            "{last:?}"
+            third.iter().all(|o| matches!(o, Outcome::Created { .. })),
+            "{third:?}"
         );
         assert!(
             Instant::now() - start >= Duration::from_secs(3),

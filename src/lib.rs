@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod limiter;
 pub mod mediapackage;
 pub mod message;
+pub mod redelivery;
 pub mod sqs;
 
 use aws_config::BehaviorVersion;

@@ -7,7 +7,11 @@
 //! an invocation is not billed for waiting between them, while over any longer stretch it
 //! stays at `rate`. It adapts `rate` by AIMD from how the API answers:
 //!
-//! - **slow start**: until the first throttle, each paced success adds half a request/s, so the
+//! - **probing**: with no starting rate given (`probe`), the limiter does not limit at all until
+//!   the API first throttles: an instance with no evidence of a quota sends a batch's messages
+//!   at once, like TCP's initial window, bounded only by the function's concurrency. The first
+//!   429 sets the rate to half the calls it sent over the last second, and AIMD takes over;
+//! - **slow start**: with a starting rate given, until the first throttle, each paced success adds half a request/s, so the
 //!   rate grows exponentially (e-fold every two seconds) and an unknown quota is found in a few
 //!   seconds without several instances starting together overshooting it far;
 //! - **additive increase**: afterwards each paced success adds `additive / rate`, so the rate
@@ -55,6 +59,9 @@ use tokio::time::Instant;
 /// The least time between two cuts.
 pub const CUT_COOL_DOWN: Duration = Duration::from_millis(300);
 
+/// While probing, the first throttle sets the rate from the calls sent over this last stretch.
+const PROBE_WINDOW: Duration = Duration::from_secs(1);
+
 /// How the limiter adapts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimiterConfig {
@@ -78,6 +85,9 @@ pub struct LimiterConfig {
     /// How much of the rate, in time, may be sent at once after calling less than the rate:
     /// the token bucket's depth (at least one call).
     pub burst: Duration,
+    /// Whether to start unlimited and learn the rate from the first throttle (see the module
+    /// documentation) instead of starting at `initial_rate`.
+    pub probe: bool,
 }
 
 impl Default for LimiterConfig {
@@ -92,6 +102,7 @@ impl Default for LimiterConfig {
             slow_start_gain: 0.5,
             cool_down: CUT_COOL_DOWN,
             burst: Duration::from_secs(1),
+            probe: false,
         }
     }
 }
@@ -113,6 +124,8 @@ struct State {
     last_cut: Option<Instant>,
     /// The rate just before the last cut: where the quota was last found.
     peak: f64,
+    /// Unlimited until the first throttle; the send times of the last second, to learn from.
+    probing: Option<std::collections::VecDeque<Instant>>,
 }
 
 /// Counters, for logs and benchmarks.
@@ -122,6 +135,8 @@ pub struct LimiterStats {
     pub rate: f64,
     /// Whether the limiter is still in slow start.
     pub slow_start: bool,
+    /// Whether the limiter is still probing: no throttle seen, no limit applied.
+    pub probing: bool,
 }
 
 /// An AIMD rate limiter with pacing and a booking line; see the module documentation.
@@ -145,6 +160,7 @@ impl RateLimiter {
                 next_book: now,
                 last_cut: None,
                 peak: rate,
+                probing: config.probe.then(Default::default),
             }),
         }
     }
@@ -155,6 +171,7 @@ impl RateLimiter {
         LimiterStats {
             rate: state.rate,
             slow_start: state.slow_start,
+            probing: state.probing.is_some(),
         }
     }
 
@@ -168,6 +185,19 @@ impl RateLimiter {
         horizon: Duration,
     ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
+        if let Some(sent) = &mut state.probing {
+            while sent
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= PROBE_WINDOW)
+            {
+                sent.pop_front();
+            }
+            sent.push_back(now);
+            return Ok(Permit {
+                at: now,
+                paced: false,
+            });
+        }
         let interval = Duration::from_secs_f64(1.0 / state.rate);
         // GCRA: `next_send` is when the bucket will be full again; a call may go as soon as
         // it is at most `tolerance` ahead of the time it is sent.
@@ -240,6 +270,16 @@ impl RateLimiter {
             return;
         }
         let now = Instant::now();
+        if let Some(sent) = state.probing.take() {
+            // The first throttle: the quota lies below what was sent over the last second.
+            let window = sent
+                .iter()
+                .filter(|at| now.duration_since(**at) < PROBE_WINDOW)
+                .count()
+                .max(1) as f64;
+            state.peak = window;
+            state.rate = window;
+        }
         // A cascade of cuts (the quota still exceeded a second later) must not drag the booking
         // rate down with it: the peak only decays by a tenth per cut.
         state.peak = state.rate.max(state.peak * 0.9);
@@ -298,6 +338,38 @@ mod tests {
             .map(|_| ms(limiter.reserve(now, far, NO_HORIZON).unwrap()))
             .collect();
         assert_eq!(again, [2500, 2500, 2500, 2500, 2750]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probing_limiter_limits_nothing_until_the_first_throttle_then_halves_what_it_sent() {
+        let limiter = RateLimiter::new(LimiterConfig {
+            probe: true,
+            ..LimiterConfig::default()
+        });
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        // Thirty calls at once: every one goes now, none is paced.
+        let permits: Vec<Permit> = (0..30)
+            .map(|_| limiter.reserve(start, far, NO_HORIZON).unwrap())
+            .collect();
+        assert!(permits.iter().all(|p| p.at == start && !p.paced));
+        assert!(limiter.stats().probing);
+        // Calls accepted change nothing while probing.
+        limiter.on_success(&permits[0]);
+        assert!(limiter.stats().probing);
+        // Ten more, half a second later; then a 429: 40 were sent in the last second, so the
+        // rate becomes 20 and the next call waits one interval.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        for _ in 0..10 {
+            limiter.reserve(now, far, NO_HORIZON).unwrap();
+        }
+        limiter.on_throttle(&permits[29]);
+        let stats = limiter.stats();
+        assert!(!stats.probing && !stats.slow_start);
+        assert_eq!(stats.rate, 20.0);
+        let next = limiter.reserve(now, far, NO_HORIZON).unwrap();
+        assert_eq!(next.at - now, Duration::from_millis(50));
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,9 @@ pub enum ErrorKind {
     NotFound,
     /// 422 `UnprocessableEntityException`, which CreateAsset also answers for an existing id.
     Unprocessable,
-    /// 403 and anything else a retry cannot fix.
+    /// 403 `ForbiddenException`: the function or the source role lacks a permission.
+    Forbidden,
+    /// Anything else a retry cannot fix.
     Permanent,
 }
 
@@ -37,6 +39,19 @@ impl ErrorKind {
             Self::Throttled | Self::QuotaExceeded | Self::Transient
         )
     }
+}
+
+/// The end of the message MediaPackage VOD gives a 429 for an exhausted resource quota, such as
+/// assets per packaging group: "... Resource limit exceeded".
+pub const QUOTA_MESSAGE: &str = "Resource limit exceeded";
+
+/// Whether a 429's message is the one of an exhausted resource quota ([`QUOTA_MESSAGE`], with or
+/// without a final full stop), not of the request rate.
+pub fn is_quota_message(message: &str) -> bool {
+    message
+        .trim_end()
+        .trim_end_matches('.')
+        .ends_with(QUOTA_MESSAGE)
 }
 
 /// An error from MediaPackage VOD, keeping the AWS error code and request id.
@@ -58,9 +73,12 @@ impl ApiError {
     /// Builds an error from what the service answered.
     pub fn from_response(status: Option<u16>, code: Option<&str>, message: Option<&str>) -> Self {
         let message = message.unwrap_or_default().to_string();
+        // Throttling is told by its status: any 429, whatever its code. Of the 429s, only the
+        // exact wording of an exhausted resource quota is a quota refusal ("Rate limit
+        // exceeded", say, is throttling).
         let kind = match (code, status) {
-            (Some("TooManyRequestsException"), _) | (None, Some(429)) => {
-                if message.to_ascii_lowercase().contains("limit exceeded") {
+            (_, Some(429)) | (Some("TooManyRequestsException"), None) => {
+                if is_quota_message(&message) {
                     ErrorKind::QuotaExceeded
                 } else {
                     ErrorKind::Throttled
@@ -69,9 +87,9 @@ impl ApiError {
             (Some("InternalServerErrorException" | "ServiceUnavailableException"), _) => {
                 ErrorKind::Transient
             }
-            (Some("NotFoundException"), _) => ErrorKind::NotFound,
+            (Some("NotFoundException"), _) | (None, Some(404)) => ErrorKind::NotFound,
             (Some("UnprocessableEntityException"), _) => ErrorKind::Unprocessable,
-            (Some("ForbiddenException"), _) => ErrorKind::Permanent,
+            (Some("ForbiddenException"), _) | (None, Some(403)) => ErrorKind::Forbidden,
             (_, Some(s)) if s >= 500 => ErrorKind::Transient,
             _ => ErrorKind::Permanent,
         };
@@ -140,8 +158,46 @@ where
 pub struct ExistingAsset {
     /// The source the asset was made from.
     pub source_arn: String,
+    /// The packaging group it belongs to.
+    pub packaging_group_id: String,
+    /// The role MediaPackage read the source with.
+    pub source_role_arn: String,
     /// The asset's ARN.
     pub arn: Option<String>,
+}
+
+impl ExistingAsset {
+    /// The asset as `request` would make it.
+    pub fn of(request: &AssetRequest) -> Self {
+        Self {
+            source_arn: request.source_arn.to_string(),
+            packaging_group_id: request.packaging_group_id.to_string(),
+            source_role_arn: request.source_role_arn.to_string(),
+            arn: None,
+        }
+    }
+
+    /// How this asset differs from what `request` asks for: the same id with another source,
+    /// packaging group or role is another asset. Empty when it is the asset asked for.
+    pub fn differences(&self, request: &AssetRequest) -> Vec<String> {
+        [
+            ("source", &self.source_arn, request.source_arn.as_str()),
+            (
+                "packaging group",
+                &self.packaging_group_id,
+                request.packaging_group_id.as_str(),
+            ),
+            (
+                "role",
+                &self.source_role_arn,
+                request.source_role_arn.as_str(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, existing, asked)| existing.as_str() != *asked)
+        .map(|(what, existing, asked)| format!("{what} {existing}, not {asked}"))
+        .collect()
+    }
 }
 
 /// The MediaPackage VOD calls ingestion makes.
@@ -195,6 +251,8 @@ impl AssetApi for SdkAssetApi {
         match self.client.describe_asset().id(id.as_str()).send().await {
             Ok(output) => Ok(Some(ExistingAsset {
                 source_arn: output.source_arn().unwrap_or_default().to_string(),
+                packaging_group_id: output.packaging_group_id().unwrap_or_default().to_string(),
+                source_role_arn: output.source_role_arn().unwrap_or_default().to_string(),
                 arn: output.arn().map(str::to_string),
             })),
             Err(err) => {
@@ -247,6 +305,33 @@ mod tests {
     }
 
     #[test]
+    fn every_429_is_throttling_unless_its_message_is_the_exact_quota_one() {
+        let kind = |code, message| ApiError::from_response(Some(429), code, Some(message)).kind;
+        // Another code on a 429 is still throttling, not a permanent failure.
+        assert_eq!(
+            kind(Some("ThrottlingException"), "Rate exceeded"),
+            ErrorKind::Throttled
+        );
+        assert_eq!(kind(None, "slow down"), ErrorKind::Throttled);
+        // "Rate limit exceeded" is about the rate, not a resource quota.
+        assert_eq!(
+            kind(Some("TooManyRequestsException"), "Rate limit exceeded"),
+            ErrorKind::Throttled
+        );
+        assert_eq!(
+            kind(
+                Some("TooManyRequestsException"),
+                "Asset quota of 10000 per packaging group reached for g. Resource limit exceeded."
+            ),
+            ErrorKind::QuotaExceeded
+        );
+        assert_eq!(
+            kind(Some("ThrottlingException"), "Resource limit exceeded"),
+            ErrorKind::QuotaExceeded
+        );
+    }
+
+    #[test]
     fn error_codes_decide_the_kind() {
         let kind = |status, code| ApiError::from_response(Some(status), Some(code), None).kind;
         assert_eq!(
@@ -257,7 +342,7 @@ mod tests {
             kind(503, "ServiceUnavailableException"),
             ErrorKind::Transient
         );
-        assert_eq!(kind(403, "ForbiddenException"), ErrorKind::Permanent);
+        assert_eq!(kind(403, "ForbiddenException"), ErrorKind::Forbidden);
         assert_eq!(kind(404, "NotFoundException"), ErrorKind::NotFound);
         assert_eq!(
             kind(422, "UnprocessableEntityException"),

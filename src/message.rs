@@ -125,9 +125,10 @@ impl AssetId {
     }
 
     /// The id used when a message names none: readable (from the object's file name) and
-    /// deterministic (a SHA-256 of the whole ARN), so a redelivered message never makes a
-    /// second asset and two objects with the same file name never share an id.
-    pub fn derive_from(source: &SourceArn) -> Self {
+    /// deterministic (a SHA-256 of the packaging group and the whole ARN), so a redelivered
+    /// message never makes a second asset, two objects with the same file name never share an
+    /// id, and one source can be packaged into several groups (one per DRM setting, say).
+    pub fn derive_from(group: &PackagingGroupId, source: &SourceArn) -> Self {
         let key = source.key();
         let file = key.rsplit('/').next().unwrap_or(key);
         let stem = file.rsplit_once('.').map_or(file, |(stem, _)| stem);
@@ -142,7 +143,12 @@ impl AssetId {
             })
             .take(40)
             .collect();
-        let digest = Sha256::digest(source.as_str().as_bytes());
+        let mut hasher = Sha256::new();
+        hasher.update(group.as_str().as_bytes());
+        // No group id holds a newline, so group and source cannot run into each other.
+        hasher.update(b"\n");
+        hasher.update(source.as_str().as_bytes());
+        let digest = hasher.finalize();
         let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         if readable.is_empty() {
             readable.push_str("asset");
@@ -403,10 +409,6 @@ impl AssetRequest {
                 format!("{source_arn} is not a manifest MediaPackage VOD ingests (.m3u8 or .smil)"),
             ));
         }
-        let id = match raw.id {
-            Some(v) => AssetId::parse(&v).map_err(|e| InvalidMessage::invalid("id", e))?,
-            None => AssetId::derive_from(&source_arn),
-        };
         let packaging_group_id = match raw.packaging_group_id {
             Some(v) => PackagingGroupId::parse(&v)
                 .map_err(|e| InvalidMessage::invalid("packagingGroupId", e))?,
@@ -417,6 +419,10 @@ impl AssetRequest {
                     "packagingGroupId",
                     " and PACKAGING_GROUP_ID is not set",
                 ))?,
+        };
+        let id = match raw.id {
+            Some(v) => AssetId::parse(&v).map_err(|e| InvalidMessage::invalid("id", e))?,
+            None => AssetId::derive_from(&packaging_group_id, &source_arn),
         };
         let source_role_arn = match raw.source_role_arn {
             Some(v) => {
@@ -540,6 +546,17 @@ mod tests {
     }
 
     #[test]
+    fn one_source_in_two_packaging_groups_gets_two_ids() {
+        let in_group = |group: &str| {
+            let body = format!(r#"{{"sourceArn":"{SOURCE}","packagingGroupId":"{group}"}}"#);
+            AssetRequest::parse(&body, &defaults()).unwrap().id
+        };
+        assert_ne!(in_group("g1"), in_group("g2"));
+        assert_eq!(in_group("g1"), in_group("g1"));
+        assert!(in_group("g2").as_str().starts_with("index-"));
+    }
+
+    #[test]
     fn malformed_json_is_rejected_with_the_parser_position() {
         let err = AssetRequest::parse("{not json", &defaults()).unwrap_err();
         assert!(
@@ -611,10 +628,11 @@ mod tests {
     #[test]
     fn derived_ids_are_valid_even_for_odd_keys() {
         let source = SourceArn::parse("arn:aws:s3:::bucket/dir/.m3u8").unwrap();
-        let id = AssetId::derive_from(&source);
+        let group = PackagingGroupId::parse("g").unwrap();
+        let id = AssetId::derive_from(&group, &source);
         assert!(AssetId::parse(id.as_str()).is_ok(), "{id}");
         let source = SourceArn::parse("arn:aws:s3:::bucket/dir/épisode 1+2.smil").unwrap();
-        let id = AssetId::derive_from(&source);
+        let id = AssetId::derive_from(&group, &source);
         assert!(AssetId::parse(id.as_str()).is_ok(), "{id}");
     }
 }

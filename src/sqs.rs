@@ -54,11 +54,15 @@ pub struct DeadLetter {
     pub reason: String,
     /// The AWS request id of the refusal, if it came from an API.
     pub request_id: Option<String>,
+    /// For a message that ran out of deliveries (`RetriesExhausted`): the error of its last
+    /// try, `code: reason`.
+    pub last_error: Option<String>,
 }
 
 impl DeadLetter {
     /// The message attributes it carries: `ErrorCode`, `ErrorReason`, `OriginalMessageId`,
-    /// `ReceiveCount`, `SourceQueueArn` and, when known, `RequestId`. SQS allows 10.
+    /// `ReceiveCount`, `SourceQueueArn` and, when known, `RequestId` and `LastError`. SQS
+    /// allows 10.
     pub fn attributes(&self, source_queue_arn: &str) -> Vec<(&'static str, String)> {
         let mut attributes = vec![
             ("ErrorCode", self.code.clone()),
@@ -69,6 +73,9 @@ impl DeadLetter {
         ];
         if let Some(id) = &self.request_id {
             attributes.push(("RequestId", id.clone()));
+        }
+        if let Some(last) = &self.last_error {
+            attributes.push(("LastError", truncate(last, 1024)));
         }
         attributes
     }
@@ -99,6 +106,38 @@ pub trait QueueApi: Send + Sync {
     /// How many messages the queue `queue_arn` holds: visible, in flight and delayed, as SQS
     /// approximates them.
     async fn depth(&self, queue_arn: &str) -> Result<u64, QueueError>;
+
+    /// The `maxReceiveCount` of the queue's redrive policy: after that many receives SQS moves a
+    /// message to the dead-letter queue. `None` when the queue has no redrive policy.
+    async fn max_receive_count(&self, _queue_arn: &str) -> Result<Option<u32>, QueueError> {
+        Ok(None)
+    }
+}
+
+/// What a queue's `RedrivePolicy` attribute says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedrivePolicy {
+    /// `deadLetterTargetArn`.
+    pub dead_letter_target_arn: String,
+    /// `maxReceiveCount` (SQS sends it as a string or a number).
+    pub max_receive_count: Option<u32>,
+}
+
+impl RedrivePolicy {
+    /// Parses the attribute's JSON; `None` if it names no dead-letter queue.
+    pub fn parse(json: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(json).ok()?;
+        let target = value.get("deadLetterTargetArn")?.as_str()?.to_string();
+        let max = value.get("maxReceiveCount").and_then(|v| match v {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        });
+        Some(Self {
+            dead_letter_target_arn: target,
+            max_receive_count: max.and_then(|m| u32::try_from(m).ok()),
+        })
+    }
 }
 
 /// The queue name and owner account of an SQS ARN `arn:aws:sqs:region:account:name`.
@@ -121,7 +160,7 @@ pub fn parse_queue_arn(arn: &str) -> Option<(&str, &str)> {
 pub struct SdkQueueApi {
     client: aws_sdk_sqs::Client,
     urls: Mutex<HashMap<String, String>>,
-    dead_letter_urls: Mutex<HashMap<String, String>>,
+    policies: Mutex<HashMap<String, RedrivePolicy>>,
     dead_letter_override: Option<String>,
 }
 
@@ -131,7 +170,7 @@ impl SdkQueueApi {
         Self {
             client,
             urls: Mutex::new(HashMap::new()),
-            dead_letter_urls: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
             dead_letter_override: None,
         }
     }
@@ -143,19 +182,28 @@ impl SdkQueueApi {
     }
 
     /// The dead-letter queue URL for messages of `queue_arn`: the override if set, else the
-    /// `deadLetterTargetArn` of the queue's `RedrivePolicy`, looked up once and cached. A queue
-    /// without one is asked again next time, so a policy added later is seen.
+    /// `deadLetterTargetArn` of the queue's `RedrivePolicy`.
     pub async fn dead_letter_queue_url(&self, queue_arn: &str) -> Result<String, QueueError> {
         if let Some(url) = &self.dead_letter_override {
             return Ok(url.clone());
         }
-        if let Some(url) = self
-            .dead_letter_urls
-            .lock()
-            .expect("dlq cache")
-            .get(queue_arn)
-        {
-            return Ok(url.clone());
+        let policy = self.redrive_policy(queue_arn).await?.ok_or_else(|| {
+            QueueError::new(
+                "NoDeadLetterQueue",
+                format!("{queue_arn} has no RedrivePolicy and DEAD_LETTER_QUEUE_URL is not set"),
+            )
+        })?;
+        self.queue_url(&policy.dead_letter_target_arn).await
+    }
+
+    /// The queue's `RedrivePolicy`, read with `GetQueueAttributes` once and cached. A queue
+    /// without one is asked again next time, so a policy added later is seen.
+    pub async fn redrive_policy(
+        &self,
+        queue_arn: &str,
+    ) -> Result<Option<RedrivePolicy>, QueueError> {
+        if let Some(policy) = self.policies.lock().expect("policy cache").get(queue_arn) {
+            return Ok(Some(policy.clone()));
         }
         let source_url = self.queue_url(queue_arn).await?;
         let output = self
@@ -166,34 +214,23 @@ impl SdkQueueApi {
             .send()
             .await
             .map_err(sdk_error)?;
-        let policy = output
+        let Some(json) = output
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
-            .ok_or_else(|| {
-                QueueError::new(
-                    "NoDeadLetterQueue",
-                    format!(
-                        "{queue_arn} has no RedrivePolicy and DEAD_LETTER_QUEUE_URL is not set"
-                    ),
-                )
-            })?;
-        let target = serde_json::from_str::<serde_json::Value>(policy)
-            .ok()
-            .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_string))
-            .ok_or_else(|| {
-                QueueError::new(
-                    "NoDeadLetterQueue",
-                    format!(
-                        "the RedrivePolicy of {queue_arn} names no deadLetterTargetArn: {policy}"
-                    ),
-                )
-            })?;
-        let url = self.queue_url(&target).await?;
-        self.dead_letter_urls
+        else {
+            return Ok(None);
+        };
+        let policy = RedrivePolicy::parse(json).ok_or_else(|| {
+            QueueError::new(
+                "NoDeadLetterQueue",
+                format!("the RedrivePolicy of {queue_arn} names no deadLetterTargetArn: {json}"),
+            )
+        })?;
+        self.policies
             .lock()
-            .expect("dlq cache")
-            .insert(queue_arn.to_string(), url.clone());
-        Ok(url)
+            .expect("policy cache")
+            .insert(queue_arn.to_string(), policy.clone());
+        Ok(Some(policy))
     }
 
     /// The queue URL for `queue_arn`, from `GetQueueUrl` the first time, cached after.
@@ -224,6 +261,58 @@ impl SdkQueueApi {
             .expect("url cache")
             .insert(queue_arn.to_string(), url.clone());
         Ok(url)
+    }
+}
+
+impl SdkQueueApi {
+    async fn change_chunk(
+        &self,
+        url: &str,
+        chunk: &[VisibilityChange],
+    ) -> Vec<Result<(), QueueError>> {
+        let entries: Vec<_> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&c.receipt_handle)
+                    .visibility_timeout(c.seconds)
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        match self
+            .client
+            .change_message_visibility_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(output) => {
+                let failed: HashMap<&str, QueueError> = output
+                    .failed()
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.id(),
+                            QueueError::new(f.code(), f.message().unwrap_or_default()),
+                        )
+                    })
+                    .collect();
+                (0..chunk.len())
+                    .map(|i| match failed.get(i.to_string().as_str()) {
+                        Some(e) => Err(e.clone()),
+                        None => Ok(()),
+                    })
+                    .collect()
+            }
+            Err(err) => {
+                let error = sdk_error(err);
+                chunk.iter().map(|_| Err(error.clone())).collect()
+            }
+        }
     }
 }
 
@@ -293,54 +382,16 @@ impl QueueApi for SdkQueueApi {
             Ok(url) => url,
             Err(e) => return vec![Err(e); changes.len()],
         };
-        let mut results = Vec::with_capacity(changes.len());
-        // ChangeMessageVisibilityBatch takes at most 10 entries.
-        for chunk in changes.chunks(10) {
-            let entries: Vec<_> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&c.receipt_handle)
-                        .visibility_timeout(c.seconds)
-                        .build()
-                        .expect("id and receipt handle are set")
-                })
-                .collect();
-            match self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                Ok(output) => {
-                    let failed: HashMap<&str, QueueError> = output
-                        .failed()
-                        .iter()
-                        .map(|f| {
-                            (
-                                f.id(),
-                                QueueError::new(f.code(), f.message().unwrap_or_default()),
-                            )
-                        })
-                        .collect();
-                    results.extend((0..chunk.len()).map(
-                        |i| match failed.get(i.to_string().as_str()) {
-                            Some(e) => Err(e.clone()),
-                            None => Ok(()),
-                        },
-                    ));
-                }
-                Err(err) => {
-                    let error = sdk_error(err);
-                    results.extend(chunk.iter().map(|_| Err(error.clone())));
-                }
-            }
-        }
-        results
+        // ChangeMessageVisibilityBatch takes at most 10 entries; the batches go at once, since
+        // they run in the little time left before the invocation's deadline.
+        let batches = changes
+            .chunks(10)
+            .map(|chunk| self.change_chunk(&url, chunk));
+        futures::future::join_all(batches)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     async fn depth(&self, queue_arn: &str) -> Result<u64, QueueError> {
@@ -370,6 +421,13 @@ impl QueueApi for SdkQueueApi {
             Ok(sum + count)
         })
     }
+
+    async fn max_receive_count(&self, queue_arn: &str) -> Result<Option<u32>, QueueError> {
+        Ok(self
+            .redrive_policy(queue_arn)
+            .await?
+            .and_then(|p| p.max_receive_count))
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +444,7 @@ mod tests {
             code: "InvalidMessage".into(),
             reason: "é".repeat(2000),
             request_id: Some("r-1".into()),
+            last_error: Some("TooManyRequestsException: slow down".into()),
         };
         let attributes = letter.attributes("arn:aws:sqs:us-east-1:123456789012:q");
         assert!(attributes.len() <= 10);
@@ -395,6 +454,32 @@ mod tests {
         assert_eq!(get("ReceiveCount"), "3");
         assert_eq!(get("RequestId"), "r-1");
         assert_eq!(get("ErrorReason").chars().count(), 1027);
+        assert_eq!(get("LastError"), "TooManyRequestsException: slow down");
+    }
+
+    #[test]
+    fn a_redrive_policy_gives_its_target_and_receive_count_as_string_or_number() {
+        let dlq = "arn:aws:sqs:us-east-1:123456789012:dlq";
+        let policy = |json: &str| RedrivePolicy::parse(json);
+        assert_eq!(
+            policy(&format!(
+                r#"{{"deadLetterTargetArn":"{dlq}","maxReceiveCount":"3"}}"#
+            )),
+            Some(RedrivePolicy {
+                dead_letter_target_arn: dlq.into(),
+                max_receive_count: Some(3)
+            })
+        );
+        assert_eq!(
+            policy(&format!(
+                r#"{{"deadLetterTargetArn":"{dlq}","maxReceiveCount":5}}"#
+            ))
+            .unwrap()
+            .max_receive_count,
+            Some(5)
+        );
+        assert_eq!(policy(r#"{"maxReceiveCount":5}"#), None);
+        assert_eq!(policy("not json"), None);
     }
 
     #[test]

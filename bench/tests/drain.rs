@@ -46,7 +46,7 @@ async fn a_throttled_backlog_drains_with_nothing_lost_and_few_throttled_calls() 
     let emulator = throttled_api().await;
     let queue = backlog();
     let config = Config {
-        initial_rate: 2.0,
+        initial_rate: Some(2.0),
         ..Config::default()
     };
     let instances: Vec<Arc<dyn Function>> = (0..3)

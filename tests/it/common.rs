@@ -41,7 +41,7 @@ pub fn reported(response: &aws_lambda_events::event::sqs::SqsBatchResponse) -> V
 /// sees its retries happen within the invocation.
 pub fn test_config() -> Config {
     Config {
-        initial_rate: 50.0,
+        initial_rate: Some(50.0),
         permit_wait: Duration::from_secs(5),
         ..Config::default()
     }

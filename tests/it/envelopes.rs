@@ -19,7 +19,7 @@ use crate::common::{event, far_deadline, ids, reported, test_config, ROLE};
 /// MediaPackage VOD as a map, recording every CreateAsset in call order.
 #[derive(Default)]
 struct Recorder {
-    assets: Mutex<BTreeMap<String, String>>,
+    assets: Mutex<BTreeMap<String, ExistingAsset>>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -36,7 +36,7 @@ impl AssetApi for Recorder {
                 "asset exists",
             ));
         }
-        assets.insert(request.id.to_string(), request.source_arn.to_string());
+        assets.insert(request.id.to_string(), ExistingAsset::of(request));
         Ok(Some(format!(
             "arn:aws:mediapackage-vod:us-east-1:123456789012:assets/{}",
             request.id
@@ -44,15 +44,7 @@ impl AssetApi for Recorder {
     }
 
     async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
-        Ok(self
-            .assets
-            .lock()
-            .unwrap()
-            .get(id.as_str())
-            .map(|source| ExistingAsset {
-                source_arn: source.clone(),
-                arn: None,
-            }))
+        Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
     }
 }
 
@@ -132,7 +124,8 @@ async fn run(name: &str, with_dead_letter_queue: bool) -> Run {
 
 fn derived(key: &str) -> String {
     let arn = SourceArn::parse(&format!("arn:aws:s3:::media-masters/{key}")).unwrap();
-    AssetId::derive_from(&arn).to_string()
+    let group = mpvod_ingest::message::PackagingGroupId::parse("vod-group").unwrap();
+    AssetId::derive_from(&group, &arn).to_string()
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 use mpvod_ingest::config::Config;
-use mpvod_ingest::ingest::{Ingestor, Outcome, Window};
+use mpvod_ingest::ingest::{Ingestor, Outcome, Turn};
 use mpvod_ingest::mediapackage::{sdk_settings, SdkAssetApi};
 use mpvod_ingest::message::{AssetRequest, Defaults};
 
@@ -53,7 +53,7 @@ fn ingestor(rules: &[&Rule], config: Config) -> Ingestor<SdkAssetApi> {
 /// Runs CreateAsset for `request()` against `rules` with the test settings.
 async fn create_with(rules: &[&Rule]) -> Outcome {
     ingestor(rules, test_config())
-        .create(&request(), Window::until(far_deadline()))
+        .create(&request(), &Turn::until(far_deadline()))
         .await
 }
 
@@ -125,6 +125,8 @@ async fn an_existing_id_with_the_same_source_is_a_success() {
             DescribeAssetOutput::builder()
                 .id("s01e01")
                 .source_arn(SOURCE)
+                .packaging_group_id("vod-group")
+                .source_role_arn(ROLE)
                 .build()
         });
     let outcome = create_with(&[&create, &describe]).await;
@@ -139,6 +141,8 @@ async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
         DescribeAssetOutput::builder()
             .id("s01e01")
             .source_arn("arn:aws:s3:::other-bucket/other.m3u8")
+            .packaging_group_id("vod-group")
+            .source_role_arn(ROLE)
             .build()
     });
     let outcome = create_with(&[&create, &describe]).await;
@@ -146,6 +150,84 @@ async fn an_existing_id_with_another_source_is_a_permanent_conflict() {
         matches!(outcome, Outcome::Permanent(ref f) if f.code == "AssetIdConflict"),
         "{outcome:?}"
     );
+}
+
+/// DescribeAsset showing `s01e01` as `request()` asks for it, but in `group`.
+fn described_in(group: &'static str) -> Rule {
+    mock!(Client::describe_asset)
+        .match_requests(|r| r.id() == Some("s01e01"))
+        .then_output(move || {
+            DescribeAssetOutput::builder()
+                .id("s01e01")
+                .source_arn(SOURCE)
+                .packaging_group_id(group)
+                .source_role_arn(ROLE)
+                .build()
+        })
+}
+
+#[tokio::test]
+async fn an_existing_id_in_another_packaging_group_is_a_conflict_not_a_success() {
+    let create = already_exists();
+    let describe = described_in("drm-group");
+    let outcome = create_with(&[&create, &describe]).await;
+    match outcome {
+        Outcome::Permanent(f) => {
+            assert_eq!(f.code, "AssetIdConflict");
+            assert!(
+                f.reason
+                    .contains("packaging group drm-group, not vod-group"),
+                "{}",
+                f.reason
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_with_an_undocumented_code_is_settled_by_describe_asset() {
+    let create = mock!(Client::create_asset).then_http_response(|| {
+        error_response(409, "ConflictException", "Asset s01e01 is already there.")
+    });
+    let describe = described_in("vod-group");
+    let outcome = create_with(&[&create, &describe]).await;
+    assert_eq!(outcome, Outcome::AlreadyExists);
+    assert_eq!(describe.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_packaging_group_is_not_looked_up_as_an_existing_asset() {
+    let create = mock!(Client::create_asset).then_http_response(|| {
+        error_response(
+            404,
+            "NotFoundException",
+            "PackagingGroup vod-group not found.",
+        )
+    });
+    let describe = described_in("vod-group");
+    let outcome = create_with(&[&create, &describe]).await;
+    assert!(
+        matches!(outcome, Outcome::Permanent(ref f) if f.code == "NotFoundException"),
+        "{outcome:?}"
+    );
+    assert_eq!(describe.num_calls(), 0);
+}
+
+/// At the default settings, a first call throttled is retried within the invocation: the
+/// retry waits for its own slot after the cut, not within the first call's permit wait.
+#[tokio::test(start_paused = true)]
+async fn at_the_default_settings_a_throttled_call_is_retried_after_the_cut() {
+    let create = mock!(Client::create_asset)
+        .sequence()
+        .http_response(throttled)
+        .output(created)
+        .build();
+    let outcome = ingestor(&[&create], Config::default())
+        .create(&request(), &Turn::until(far_deadline()))
+        .await;
+    assert!(matches!(outcome, Outcome::Created { .. }), "{outcome:?}");
+    assert_eq!(create.num_calls(), 2);
 }
 
 #[tokio::test]

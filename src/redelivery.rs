@@ -1,0 +1,296 @@
+//! The redelivery policy: when a message without a request slot goes back to the queue and when
+//! it waits inside the invocation instead, how long each call may wait for its slot, how far
+//! ahead a message goes, and how much of the invocation is kept for reporting.
+//!
+//! Each decision is a small function over plain inputs (receive count, the queue's
+//! `maxReceiveCount`, time left, the limiter's rate); [`crate::ingest`] gathers the inputs and
+//! applies the decisions.
+//!
+//! The rule, and why:
+//!
+//! - **Every hand-back spends a delivery.** SQS counts a message handed back like any other
+//!   receive, and moves it to the dead-letter queue, with no reason, once it has been received
+//!   `maxReceiveCount` times. So a message may be handed back for want of a request slot only
+//!   while, after that hand-back, it still has [`RESERVED_DELIVERIES`] deliveries left for real
+//!   failures (throttled or failing calls that outlast `API_MAX_ATTEMPTS`, a deadline). Past
+//!   that, it waits for its slot inside the invocation: billed, but never dead-lettered for
+//!   the function's own pacing. At `maxReceiveCount` 3 no message is ever handed back; at 5, at
+//!   most twice.
+//! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
+//!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
+//!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
+//!   keeps a message invisible at most 12 hours since its first receive).
+//! - **FIFO message groups and bodies naming several objects wait in the invocation.** Handing
+//!   back a FIFO message blocks its whole group anyway and spends a delivery of every message
+//!   behind it; a body naming several objects would spend slots again on the objects already
+//!   made, so it is kept until done and makes progress on every delivery.
+//! - **Each call has its own wait.** A follow-up call (DescribeAsset after a refused
+//!   CreateAsset, or a retry after a throttle, which empties the bucket) may wait at least two
+//!   intervals at the limiter's rate, so a retry can happen at all, bounded by the deadline.
+//! - **The deadline margin scales with the invocation**: a fifth of its time, at most
+//!   `DEADLINE_MARGIN_MS`, at least [`MIN_MARGIN`]; an attempt is started while at least
+//!   [`MIN_ATTEMPT`] is left before that, and clamped to the time left.
+
+use std::time::Duration;
+
+use crate::backoff::{visibility_room, Backoff, SQS_MAX_VISIBILITY};
+
+/// Deliveries a message keeps for real failures: it is not handed back for want of a request
+/// slot if that would leave it fewer.
+pub const RESERVED_DELIVERIES: u32 = 2;
+
+/// The least time kept before the deadline to dead-letter, change visibility and answer.
+pub const MIN_MARGIN: Duration = Duration::from_millis(200);
+
+/// The least time an attempt may be given: no call starts with less left before the margin.
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// When a message to retry should come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Exponential backoff with full jitter from the message's receive count.
+    Backoff,
+    /// No request slot was free in time: come back when the rate limiter expects room (booked
+    /// no further ahead than half the backoff ceiling for the message's receive count), or
+    /// within the time the queue's backlog has left once that is known ([`crate::drain`]).
+    After(Duration),
+    /// No request slot was free in time and none could be booked within this horizon: come
+    /// back at a random time within it (full jitter, never past the backoff ceiling), or within
+    /// the time the queue's backlog has left once that is known.
+    Within(Duration),
+    /// A resource quota is exhausted: come back after `QUOTA_REDELIVERY_SECONDS`.
+    Quota,
+    /// Leave the queue's own visibility timeout in place.
+    Queue,
+    /// Visible again at once: a FIFO message kept back behind a failed one of its group, which
+    /// SQS will not deliver before that one anyway.
+    Immediate,
+}
+
+/// Where a message stands with its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// `ApproximateReceiveCount`: this delivery's number, from 1.
+    pub receives: u32,
+    /// The queue's `maxReceiveCount`, if it has a redrive policy.
+    pub max_receives: Option<u32>,
+}
+
+impl Budget {
+    /// Whether the message may go back to the queue for want of a request slot: only if it
+    /// keeps [`RESERVED_DELIVERIES`] deliveries after this one.
+    pub fn may_hand_back(&self) -> bool {
+        self.max_receives
+            .is_none_or(|max| self.receives + RESERVED_DELIVERIES < max)
+    }
+
+    /// Whether this is the message's last delivery: reported for redelivery, SQS would move it
+    /// to the dead-letter queue without a reason.
+    pub fn is_last(&self) -> bool {
+        self.max_receives.is_some_and(|max| self.receives >= max)
+    }
+}
+
+/// What decides how long one call may wait for its request slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// The message's deliveries.
+    pub budget: Budget,
+    /// A FIFO message: handing it back holds up its group.
+    pub fifo: bool,
+    /// One of several objects of one body.
+    pub several: bool,
+    /// A follow-up call of the same message: DescribeAsset after a refusal, or a retry.
+    pub follow_up: bool,
+}
+
+/// How long a call may wait for its slot before its message goes back to the queue: `None` to
+/// wait as long as the invocation allows. `interval` is one request at the limiter's rate.
+pub fn slot_wait(need: Need, permit_wait: Duration, interval: Duration) -> Option<Duration> {
+    if need.fifo || need.several || !need.budget.may_hand_back() {
+        None
+    } else if need.follow_up {
+        Some(permit_wait.max(interval.saturating_mul(2)))
+    } else {
+        Some(permit_wait)
+    }
+}
+
+/// The time kept free before the deadline, for an invocation given `budget` in all: a fifth of
+/// it, at most `configured`, at least [`MIN_MARGIN`].
+pub fn deadline_margin(budget: Duration, configured: Duration) -> Duration {
+    (budget / 5).min(configured).max(MIN_MARGIN)
+}
+
+/// Whether an invocation given `budget` can do any useful work: one attempt of [`MIN_ATTEMPT`]
+/// must fit before its margin.
+pub fn fits_an_attempt(budget: Duration, configured_margin: Duration) -> bool {
+    budget >= deadline_margin(budget, configured_margin) + MIN_ATTEMPT
+}
+
+/// The redelivery delays' settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delays {
+    /// Exponential backoff from the receive count.
+    pub backoff: Backoff,
+    /// `QUOTA_REDELIVERY_SECONDS`.
+    pub quota: Duration,
+    /// `FIFO_REDELIVERY_CAP_SECONDS`.
+    pub fifo_cap: Duration,
+}
+
+impl Delays {
+    /// How long a message to retry stays away: `None` where the queue's own visibility timeout
+    /// applies. `spread` is the time its queue's backlog has left, when known; `unit` in
+    /// `[0, 1)` draws the jitter.
+    pub fn delay(
+        &self,
+        redelivery: Redelivery,
+        receives: u32,
+        spread: Option<Duration>,
+        fifo: bool,
+        unit: f64,
+    ) -> Option<Duration> {
+        let backoff = self.backoff;
+        let delay = match (redelivery, spread) {
+            // Spread over the time the backlog has left, like every other instance's
+            // hand-backs, rather than on this instance's own booking line.
+            (Redelivery::After(_) | Redelivery::Within(_), Some(spread)) => {
+                backoff.delay_within(receives, spread, unit)
+            }
+            // The booked slot, as it is: the limiter's estimate of when this instance has
+            // room, already bounded by the backoff ceiling.
+            (Redelivery::After(eta), None) => eta,
+            (Redelivery::Within(horizon), None) => backoff.delay_within(receives, horizon, unit),
+            (Redelivery::Backoff, _) => backoff.delay(receives, unit),
+            (Redelivery::Quota, _) => self.quota,
+            (Redelivery::Immediate, _) => Duration::ZERO,
+            (Redelivery::Queue, _) => return None,
+        };
+        // While a FIFO message is away SQS delivers nothing behind it in its group.
+        let cap = if fifo {
+            self.fifo_cap
+        } else {
+            SQS_MAX_VISIBILITY
+        };
+        Some(delay.min(cap))
+    }
+}
+
+/// Whether a message to retry can still be kept away at all: SQS keeps a message invisible at
+/// most 12 hours since its first receive. Without room, a redelivery would come back at once
+/// and burn the message's deliveries within seconds.
+pub fn can_delay(redelivery: Redelivery, since_first_receive: Duration) -> bool {
+    matches!(redelivery, Redelivery::Immediate | Redelivery::Queue)
+        || visibility_room(since_first_receive) >= Duration::from_secs(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(receives: u32, max: Option<u32>) -> Budget {
+        Budget {
+            receives,
+            max_receives: max,
+        }
+    }
+
+    #[test]
+    fn a_message_is_handed_back_only_while_it_keeps_two_deliveries_for_real_failures() {
+        let table = [
+            // (receives, maxReceiveCount, may hand back, last delivery)
+            (1, Some(3), false, false),
+            (3, Some(3), false, true),
+            (1, Some(5), true, false),
+            (2, Some(5), true, false),
+            (3, Some(5), false, false),
+            (5, Some(5), false, true),
+            (17, Some(20), true, false),
+            (18, Some(20), false, false),
+            (40, None, true, false),
+        ];
+        for (receives, max, hand_back, last) in table {
+            let b = budget(receives, max);
+            assert_eq!(b.may_hand_back(), hand_back, "{b:?}");
+            assert_eq!(b.is_last(), last, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn fifo_messages_bodies_of_several_objects_and_spent_budgets_wait_in_the_invocation() {
+        let wait = Duration::from_millis(150);
+        let interval = Duration::from_millis(500);
+        let need = |fifo, several, follow_up, max| Need {
+            budget: budget(1, max),
+            fifo,
+            several,
+            follow_up,
+        };
+        assert_eq!(
+            slot_wait(need(false, false, false, None), wait, interval),
+            Some(wait)
+        );
+        assert_eq!(
+            slot_wait(need(true, false, false, None), wait, interval),
+            None
+        );
+        assert_eq!(
+            slot_wait(need(false, true, false, None), wait, interval),
+            None
+        );
+        assert_eq!(
+            slot_wait(need(false, false, false, Some(3)), wait, interval),
+            None
+        );
+        // A follow-up call waits at least two intervals: a retry after a cut can happen.
+        assert_eq!(
+            slot_wait(need(false, false, true, None), wait, interval),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            slot_wait(
+                need(false, false, true, None),
+                wait,
+                Duration::from_millis(10)
+            ),
+            Some(wait)
+        );
+    }
+
+    #[test]
+    fn the_margin_is_a_fifth_of_the_invocation_within_its_bounds() {
+        let configured = Duration::from_millis(2000);
+        let margin = |ms| deadline_margin(Duration::from_millis(ms), configured).as_millis();
+        assert_eq!(margin(3000), 600);
+        assert_eq!(margin(60_000), 2000);
+        assert_eq!(margin(500), 200);
+        assert!(fits_an_attempt(Duration::from_millis(3000), configured));
+        assert!(fits_an_attempt(Duration::from_millis(400), configured));
+        assert!(!fits_an_attempt(Duration::from_millis(399), configured));
+    }
+
+    #[test]
+    fn fifo_delays_are_capped_low_and_others_keep_their_schedule() {
+        let delays = Delays {
+            backoff: Backoff::default(),
+            quota: Duration::from_secs(3600),
+            fifo_cap: Duration::from_secs(10),
+        };
+        let d = |r, fifo| delays.delay(r, 6, None, fifo, 0.999).unwrap().as_secs();
+        assert_eq!(d(Redelivery::Quota, false), 3600);
+        assert_eq!(d(Redelivery::Quota, true), 10);
+        assert_eq!(d(Redelivery::Backoff, false), 63);
+        assert_eq!(d(Redelivery::Backoff, true), 10);
+        assert_eq!(delays.delay(Redelivery::Queue, 6, None, true, 0.5), None);
+    }
+
+    #[test]
+    fn a_message_twelve_hours_past_its_first_receive_cannot_be_delayed() {
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert!(can_delay(Redelivery::Quota, hours(11)));
+        assert!(!can_delay(Redelivery::Quota, hours(12)));
+        assert!(!can_delay(Redelivery::Backoff, hours(12)));
+        assert!(can_delay(Redelivery::Immediate, hours(12)));
+    }
+}
