@@ -1148,6 +1148,7 @@ fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mediapackage::ExistingAsset;
 
     fn record(id: Option<&str>) -> SqsMessage {
         let mut m = SqsMessage::default();
@@ -1579,6 +1580,296 @@ mod tests {
                 .all(|r| matches!(r, Redelivery::After(eta) if *eta <= Duration::from_secs(8))),
             "{fourth:?}"
         );
+    }
+
+    /// MediaPackage VOD as a map, each call taking `latency`; an existing id is refused with
+    /// `refusal`. Counts its calls.
+    struct Fake {
+        latency: Duration,
+        refusal: ErrorKind,
+        assets: Mutex<HashMap<String, ExistingAsset>>,
+        creates: std::sync::atomic::AtomicUsize,
+        describes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Fake {
+        fn new(latency_ms: u64) -> Self {
+            Self {
+                latency: Duration::from_millis(latency_ms),
+                refusal: ErrorKind::Unprocessable,
+                assets: Mutex::default(),
+                creates: Default::default(),
+                describes: Default::default(),
+            }
+        }
+
+        fn counts(&self) -> (usize, usize) {
+            (
+                self.creates.load(Ordering::Relaxed),
+                self.describes.load(Ordering::Relaxed),
+            )
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl AssetApi for Fake {
+        async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError> {
+            self.creates.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.latency).await;
+            let mut assets = self.assets.lock().unwrap();
+            if assets.contains_key(request.id.as_str()) {
+                return Err(ApiError::local(self.refusal, "Refused", "exists"));
+            }
+            assets.insert(request.id.to_string(), ExistingAsset::of(request));
+            Ok(None)
+        }
+        async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+            self.describes.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.latency).await;
+            Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
+        }
+    }
+
+    /// A limiter that has learned `rate` from a throttle and has a full bucket again.
+    async fn learned(ingestor: &Ingestor<Fake>, rate: usize) {
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let permits: Vec<_> = (0..rate * 2)
+            .map(|_| ingestor.limiter.reserve(now, far, Duration::ZERO).unwrap())
+            .collect();
+        ingestor.limiter.on_throttle(&permits[0]);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!ingestor.limiter.stats().probing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_default_settings_a_slow_refusal_is_still_checked_with_describe_asset() {
+        // A redelivery of an asset made before; the refusal takes 300 ms, twice the permit
+        // wait: the DescribeAsset gets a wait of its own.
+        let ingestor = Ingestor::new(Fake::new(300), slow_config_defaults());
+        learned(&ingestor, 5).await;
+        let records = batch(2);
+        let request = parse_body(records[0].body.as_deref().unwrap(), &ingestor.defaults)
+            .unwrap()
+            .requests
+            .remove(0);
+        ingestor
+            .api
+            .assets
+            .lock()
+            .unwrap()
+            .insert(request.id.to_string(), ExistingAsset::of(&request));
+        let outcomes = ingestor
+            .process_batch(&records[..1], Instant::now() + Duration::from_secs(30))
+            .await;
+        assert_eq!(outcomes, [Outcome::AlreadyExists]);
+        assert_eq!(ingestor.api.counts(), (1, 1));
+    }
+
+    /// The default settings with a packaging group and role for the bodies of [`batch`].
+    fn slow_config_defaults() -> Config {
+        Config {
+            packaging_group_id: slow_config().packaging_group_id,
+            source_role_arn: slow_config().source_role_arn,
+            ..Config::default()
+        }
+    }
+
+    /// One S3 event naming `n` manifests, on its `receives`th delivery.
+    fn s3_body(n: usize, receives: u32) -> SqsMessage {
+        let records: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"bucket"}},"object":{{"key":"show/{i}.m3u8"}}}}}}"#
+                )
+            })
+            .collect();
+        let mut m = batch(receives).remove(0);
+        m.body = Some(format!(r#"{{"Records":[{}]}}"#, records.join(",")));
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_naming_more_objects_than_the_burst_makes_them_all_in_one_delivery() {
+        // 1 request/s, strictly paced: twelve objects need twelve seconds of slots.
+        let ingestor = Ingestor::new(Fake::new(20), slow_config());
+        let outcomes = ingestor
+            .process_batch(&[s3_body(12, 1)], Instant::now() + Duration::from_secs(60))
+            .await;
+        assert_eq!(outcomes, [Outcome::Created { arn: None }]);
+        assert_eq!(ingestor.api.assets.lock().unwrap().len(), 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_redelivered_body_finds_the_objects_already_made_without_spending_create_slots() {
+        let ingestor = Ingestor::new(Fake::new(20), slow_config());
+        let first = s3_body(12, 1);
+        // Ten of the twelve were made on an earlier delivery.
+        let requests = parse_body(first.body.as_deref().unwrap(), &ingestor.defaults)
+            .unwrap()
+            .requests;
+        for request in &requests[..10] {
+            ingestor
+                .api
+                .assets
+                .lock()
+                .unwrap()
+                .insert(request.id.to_string(), ExistingAsset::of(request));
+        }
+        let outcomes = ingestor
+            .process_batch(&[s3_body(12, 2)], Instant::now() + Duration::from_secs(60))
+            .await;
+        assert_eq!(outcomes, [Outcome::Created { arn: None }]);
+        // One DescribeAsset each, and CreateAsset only for the two missing.
+        assert_eq!(ingestor.api.counts(), (2, 12));
+    }
+
+    fn fifo_batch(groups: usize, per_group: usize) -> Vec<SqsMessage> {
+        let mut records = batch(1);
+        records.truncate(groups * per_group);
+        for (i, m) in records.iter_mut().enumerate() {
+            m.event_source_arn = Some("arn:aws:sqs:us-east-1:123456789012:ingest.fifo".into());
+            m.attributes
+                .insert("MessageGroupId".into(), format!("g{}", i % groups));
+        }
+        records
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifo_messages_wait_for_their_slot_instead_of_holding_up_their_group() {
+        // 1 request/s: a standard queue's messages would mostly be handed back.
+        let ingestor = Ingestor::new(Fake::new(20), slow_config());
+        let records = fifo_batch(3, 3);
+        let outcomes = ingestor
+            .process_batch(&records, Instant::now() + Duration::from_secs(60))
+            .await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{outcomes:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fifo_group_failed_in_one_invocation_starts_afresh_in_the_next() {
+        let ingestor = Ingestor::new(Fake::new(20), slow_config());
+        let mut records = fifo_batch(1, 3);
+        // The head is poison: with no dead-letter queue it fails, and its group is kept back.
+        records[0].body = Some("{not json".into());
+        let first = ingestor
+            .process_batch(&records, Instant::now() + Duration::from_secs(60))
+            .await;
+        assert!(matches!(first[0], Outcome::Permanent(_)));
+        assert!(
+            matches!(&first[1], Outcome::Retry(f, Redelivery::Immediate) if f.code == "EarlierMessageFailed")
+        );
+        // The next invocation, with the rest of the group alone, does not remember the failure.
+        let second = ingestor
+            .process_batch(&records[1..], Instant::now() + Duration::from_secs(60))
+            .await;
+        assert!(
+            second.iter().all(|o| matches!(o, Outcome::Created { .. })),
+            "{second:?}"
+        );
+    }
+
+    #[test]
+    fn a_fifo_message_is_never_kept_away_longer_than_the_fifo_cap() {
+        let ingestor = Ingestor::new(NoApi, Config::default());
+        let mut records = fifo_batch(1, 2);
+        for r in &mut records {
+            r.attributes
+                .insert("ApproximateReceiveCount".into(), "9".into());
+        }
+        let outcomes = [
+            retry(),
+            Outcome::Retry(
+                Failure::new("TooManyRequestsException", "x"),
+                Redelivery::Quota,
+            ),
+        ];
+        assert_eq!(
+            ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.999),
+            [Some(10), Some(10)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unthrottled_cold_instance_sends_the_whole_batch_at_once_and_hands_nothing_back() {
+        let ingestor = Ingestor::new(Fake::new(50), slow_config_defaults());
+        let start = Instant::now();
+        let outcomes = ingestor
+            .process_batch(&batch(1), start + Duration::from_secs(3))
+            .await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{outcomes:?}"
+        );
+        // Ten calls of 50 ms, all at once: one round trip, not ten.
+        assert_eq!(Instant::now() - start, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_three_second_invocation_with_a_slow_api_still_makes_its_calls() {
+        // 1.5 s per call; the margin is 600 ms of the 3 s, so a call started at once fits.
+        let ingestor = Ingestor::new(Fake::new(1500), slow_config_defaults());
+        let outcomes = ingestor
+            .process_batch(&batch(1)[..2], Instant::now() + Duration::from_secs(3))
+            .await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{outcomes:?}"
+        );
+    }
+
+    /// A queue whose every call hangs for a minute.
+    struct Hanging(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl QueueApi for &'static Hanging {
+        async fn dead_letter(
+            &self,
+            _: &str,
+            letter: &DeadLetter,
+        ) -> Result<(), crate::sqs::QueueError> {
+            self.0.lock().unwrap().push(letter.code.clone());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        }
+        async fn change_visibility(
+            &self,
+            _: &str,
+            changes: &[VisibilityChange],
+        ) -> Vec<Result<(), crate::sqs::QueueError>> {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            changes.iter().map(|_| Ok(())).collect()
+        }
+        async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_queue_cannot_keep_the_invocation_past_its_deadline() {
+        let queue: &'static Hanging = Box::leak(Box::new(Hanging(Mutex::default())));
+        let ingestor = Ingestor::new(Fake::new(20), slow_config()).with_queue(queue);
+        let mut records = batch(1);
+        records[0].body = Some("{not json".into());
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(3);
+        let response = ingestor.handle_batch(&records, deadline).await.unwrap();
+        assert!(Instant::now() <= deadline, "{:?}", Instant::now() - start);
+        // The poison message was tried on the dead-letter queue before any API time; its send
+        // did not finish, so it is reported, with the eight handed back (one of the nine valid
+        // messages had the one slot a second).
+        assert_eq!(queue.0.lock().unwrap().as_slice(), ["InvalidMessage"]);
+        assert_eq!(response.batch_item_failures.len(), 1 + 8);
     }
 
     struct NoApi;

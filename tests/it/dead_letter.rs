@@ -281,3 +281,110 @@ async fn a_fifo_batch_keeps_its_group_order_and_its_poison_goes_to_the_fifo_dead
         Some(r#"{"id":"show-six-s01e02""#)
     );
 }
+
+/// The dead letters' attribute `name`, by message body.
+fn letter_attribute(letter: &aws_sdk_sqs::types::Message, name: &str) -> String {
+    letter
+        .message_attributes
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .and_then(|v| v.string_value.clone())
+        .unwrap_or_else(|| panic!("{name} missing from {letter:?}"))
+}
+
+#[tokio::test]
+async fn a_message_still_failing_on_its_last_delivery_is_dead_lettered_with_its_last_error() {
+    let moto = Moto::start().await;
+    let client = moto.client();
+    // Every call fails with a 500 or a 503: retrying cannot help within the invocation.
+    let emulator = EmulatorConfig::default()
+        .with_packaging_group("vod-group")
+        .with_fault_rate(1.0)
+        .spawn()
+        .await
+        .unwrap();
+    // maxReceiveCount 5 in the queue's redrive policy, MAX_RECEIVE_COUNT unset: learned.
+    let (url, arn, dlq_url) = queue_with_dead_letter_queue(&client, "exhausted").await;
+    let bodies = [
+        (
+            r#"{"id":"fourth","sourceArn":"arn:aws:s3:::media-masters/a/4.m3u8"}"#.to_string(),
+            None,
+        ),
+        (
+            r#"{"id":"fifth","sourceArn":"arn:aws:s3:::media-masters/a/5.m3u8"}"#.to_string(),
+            None,
+        ),
+    ];
+    let mut records = send_and_receive(&client, &url, &arn, &bodies).await;
+    for record in &mut records {
+        let receives = if record.body.as_deref().unwrap().contains("fourth") {
+            "4"
+        } else {
+            "5"
+        };
+        record
+            .attributes
+            .insert("ApproximateReceiveCount".into(), receives.into());
+    }
+    let response = handle(&emulator, &client, &records).await;
+    let fourth = records
+        .iter()
+        .find(|r| r.body.as_deref().unwrap().contains("fourth"))
+        .unwrap();
+    // The fourth receive has a delivery left: reported for redelivery. The fifth and last is
+    // not left for SQS to dead-letter without a reason.
+    assert_eq!(reported(&response), [fourth.message_id.clone().unwrap()]);
+    let letters = drain(&client, &dlq_url).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert!(letter.body.as_deref().unwrap().contains("fifth"));
+    assert_eq!(letter_attribute(letter, "ErrorCode"), "RetriesExhausted");
+    assert_eq!(letter_attribute(letter, "ReceiveCount"), "5");
+    let reason = letter_attribute(letter, "ErrorReason");
+    assert!(reason.contains("maxReceiveCount 5"), "{reason}");
+    let last = letter_attribute(letter, "LastError");
+    assert!(
+        last.starts_with("InternalServerErrorException")
+            || last.starts_with("ServiceUnavailableException"),
+        "{last}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_with_no_visibility_time_left_is_dead_lettered_not_redelivered_at_once() {
+    let moto = Moto::start().await;
+    let client = moto.client();
+    // The packaging group is full: every CreateAsset is refused for quota.
+    let emulator = EmulatorConfig::default()
+        .with_packaging_group("vod-group")
+        .with_asset_quota(0)
+        .spawn()
+        .await
+        .unwrap();
+    let (url, arn, dlq_url) = queue_with_dead_letter_queue(&client, "no-room").await;
+    let body = r#"{"id":"late","sourceArn":"arn:aws:s3:::media-masters/late.m3u8"}"#;
+    let mut records = send_and_receive(&client, &url, &arn, &[(body.into(), None)]).await;
+    // First received 12 hours ago, on its second receive of five.
+    let twelve_hours_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 12 * 3600 * 1000;
+    records[0].attributes.insert(
+        "ApproximateFirstReceiveTimestamp".into(),
+        twelve_hours_ago.to_string(),
+    );
+    records[0]
+        .attributes
+        .insert("ApproximateReceiveCount".into(), "2".into());
+    let response = handle(&emulator, &client, &records).await;
+    assert!(reported(&response).is_empty(), "{response:?}");
+    let letters = drain(&client, &dlq_url).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letter_attribute(&letters[0], "ErrorCode"),
+        "RetriesExhausted"
+    );
+    assert!(letter_attribute(&letters[0], "ErrorReason").contains("12 hours"));
+    assert!(letter_attribute(&letters[0], "LastError").contains("Resource limit exceeded"));
+}

@@ -348,3 +348,73 @@ async fn the_real_sdk_drives_every_emulated_operation() {
     assert_eq!(missing.code(), Some("NotFoundException"));
     assert_eq!(emulator.assets().len(), 4);
 }
+
+/// Bodies without `id` naming `source` in each of `groups`, as SQS records.
+fn same_source_in(groups: &[&str], source: &str) -> Vec<SqsMessage> {
+    groups
+        .iter()
+        .enumerate()
+        .map(|(n, group)| {
+            let mut m = SqsMessage::default();
+            m.message_id = Some(format!("m-{n}"));
+            m.body = Some(format!(
+                r#"{{"sourceArn":"{source}","packagingGroupId":"{group}","sourceRoleArn":"{ROLE}"}}"#
+            ));
+            m
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_source_becomes_an_asset_in_each_packaging_group_it_is_sent_to() {
+    let emulator = emulator(EmulatorConfig::default().with_packaging_group("drm-group")).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let source = "arn:aws:s3:::media-masters/film/index.m3u8";
+    // In one batch ...
+    let both = same_source_in(&["vod-group", "drm-group"], source);
+    let outcomes = ingestor.process_batch(&both, far_deadline()).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Created { .. })),
+        "{outcomes:?}"
+    );
+    // ... and again, as a redelivery, in two batches: each finds its own asset.
+    for one in both.chunks(1) {
+        let outcomes = ingestor.process_batch(one, far_deadline()).await;
+        assert_eq!(outcomes, [Outcome::AlreadyExists]);
+    }
+    let mut groups: Vec<String> = emulator
+        .assets()
+        .into_iter()
+        .map(|a| a.packaging_group_id)
+        .collect();
+    groups.sort();
+    assert_eq!(groups, ["drm-group", "vod-group"]);
+}
+
+#[tokio::test]
+async fn an_explicit_id_taken_in_another_packaging_group_is_a_conflict() {
+    let emulator = emulator(EmulatorConfig::default().with_packaging_group("drm-group")).await;
+    let ingestor = ingestor(&emulator, test_config());
+    let body = |group: &str| {
+        let mut m = SqsMessage::default();
+        m.message_id = Some(group.to_string());
+        m.body = Some(format!(
+            r#"{{"id":"film","sourceArn":"arn:aws:s3:::media-masters/film.m3u8","packagingGroupId":"{group}","sourceRoleArn":"{ROLE}"}}"#
+        ));
+        m
+    };
+    let first = ingestor
+        .process_batch(&[body("vod-group")], far_deadline())
+        .await;
+    assert!(matches!(first[0], Outcome::Created { .. }), "{first:?}");
+    let second = ingestor
+        .process_batch(&[body("drm-group")], far_deadline())
+        .await;
+    assert!(
+        matches!(&second[0], Outcome::Permanent(f) if f.code == "AssetIdConflict"),
+        "{second:?}"
+    );
+    assert_eq!(emulator.assets().len(), 1);
+}
