@@ -26,7 +26,7 @@ def create(sqs):
         dlq_url = sqs.create_queue(QueueName=dlq_name(name), Attributes=fifo)["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
             "Attributes"]["QueueArn"]
-        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "20"})
+        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
         sqs.create_queue(QueueName=name, Attributes={**fifo, "RedrivePolicy": policy})
 
 

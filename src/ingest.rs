@@ -33,6 +33,9 @@ use crate::redelivery::{
 };
 use crate::sqs::{DeadLetter, QueueApi, VisibilityChange};
 
+/// How long a failure to read a queue's `maxReceiveCount` is remembered before asking again.
+const LIMIT_RETRY: Duration = Duration::from_secs(60);
+
 /// Kept free at the very end of the invocation for the runtime to send the response.
 const RESPONSE_TIME: Duration = Duration::from_millis(50);
 
@@ -262,8 +265,9 @@ pub struct Ingestor<A> {
     gauge: DrainGauge,
     config: Config,
     defaults: Defaults,
-    /// Each source queue's `maxReceiveCount`, read once.
-    receive_limits: Mutex<HashMap<String, Option<u32>>>,
+    /// Each source queue's `maxReceiveCount`, read once; or when reading it failed, so that it
+    /// is asked again only after [`LIMIT_RETRY`].
+    receive_limits: Mutex<HashMap<String, Result<Option<u32>, Instant>>>,
     warned_short_timeout: AtomicBool,
 }
 
@@ -675,17 +679,18 @@ impl<A: AssetApi> Ingestor<A> {
         let (Some(queue), Some(arn)) = (&self.queue, queue_arn) else {
             return None;
         };
-        if let Some(known) = self.receive_limits.lock().expect("limits").get(arn) {
-            return *known;
+        match self.receive_limits.lock().expect("limits").get(arn) {
+            Some(Ok(known)) => return *known,
+            Some(Err(failed)) if failed.elapsed() < LIMIT_RETRY => return None,
+            _ => {}
         }
-        match queue.max_receive_count(arn).await {
-            Ok(max) => {
-                self.receive_limits
-                    .lock()
-                    .expect("limits")
-                    .insert(arn.to_string(), max);
-                max
-            }
+        let read = queue.max_receive_count(arn).await;
+        self.receive_limits
+            .lock()
+            .expect("limits")
+            .insert(arn.to_string(), read.clone().map_err(|_| Instant::now()));
+        match read {
+            Ok(max) => max,
             Err(error) => {
                 tracing::warn!(
                     queue = arn,

@@ -11,6 +11,9 @@ async fn main() -> Result<(), Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config =
         Config::from_env().inspect_err(|e| tracing::error!(error = %e, "cold start failed"))?;
+    for warning in config.warnings() {
+        tracing::warn!(warning, "configuration");
+    }
     let mediapackage = mpvod_ingest::mediapackage_client(&config).await;
     let sqs = mpvod_ingest::sqs_client().await;
     let queue =

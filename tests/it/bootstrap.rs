@@ -216,6 +216,13 @@ async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event()
                 && l["span"]["message_id"] == all[3].as_str()),
         "a permanent failure is logged with its message id: {logs}"
     );
+    assert!(
+        json_lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["warning"]
+                .as_str()
+                .is_some_and(|w| w.contains("ALLOWED_SOURCE_BUCKETS"))),
+        "no bucket list is warned about at cold start: {logs}"
+    );
 }
 
 #[tokio::test]

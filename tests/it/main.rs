@@ -6,5 +6,6 @@ mod dead_letter;
 mod emulator;
 mod envelopes;
 mod fakes;
+mod iam;
 mod mocks;
 mod sqs;
