@@ -29,7 +29,8 @@ use crate::message::{
 };
 pub use crate::redelivery::Redelivery;
 use crate::redelivery::{
-    can_delay, deadline_margin, fits_an_attempt, slot_wait, Budget, Delays, Need, MIN_ATTEMPT,
+    can_delay, deadline_margin, fits_an_attempt, slot_wait, Budget, Delays, Need, Reach,
+    MIN_ATTEMPT,
 };
 use crate::sqs::{DeadLetter, QueueApi, VisibilityChange};
 
@@ -225,6 +226,9 @@ struct Stops {
     hard_stop: Instant,
     /// Dead-letter sends and visibility changes end here, just before the deadline.
     report: Instant,
+    /// Dead-letter sends of the processing step end here, a little before `report`, where
+    /// that step is cut: a send and its outcome are never separated by the cut.
+    letters: Instant,
 }
 
 /// One message's turn at the API: what decides how long its calls may wait for a request
@@ -387,6 +391,7 @@ impl<A: AssetApi> Ingestor<A> {
             last_start: hard_stop.checked_sub(MIN_ATTEMPT).unwrap_or(now),
             hard_stop,
             report: deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline),
+            letters: deadline.checked_sub(2 * RESPONSE_TIME).unwrap_or(deadline),
         }
     }
 
@@ -462,7 +467,7 @@ impl<A: AssetApi> Ingestor<A> {
                     .unwrap_or_else(|| "unknown panic".into());
                 Outcome::Retry(Failure::new("Panic", what), Redelivery::Queue)
             });
-            let outcome = self.dead_letter(record, outcome, stops.report).await;
+            let outcome = self.dead_letter(record, outcome, stops.letters).await;
             log_outcome(None, &outcome);
             outcome
         }
@@ -504,6 +509,16 @@ impl<A: AssetApi> Ingestor<A> {
             return Stop::Deadline { last: None }.into_outcome();
         }
         let receives = receive_count(record);
+        let backoff = self.delays().backoff;
+        // With a receive budget a message may be booked further ahead (`BUDGETED_REACH`); the
+        // budget is looked up only when hand-backs can happen at all.
+        let budgeted = !self.limiter.stats().probing
+            && Budget {
+                receives,
+                max_receives: self.receive_limit(record.event_source_arn.as_deref()).await,
+            }
+            .reach()
+                != Reach::Ceiling;
         let turn = Turn {
             queue_arn: record.event_source_arn.as_deref(),
             receives,
@@ -515,7 +530,15 @@ impl<A: AssetApi> Ingestor<A> {
             // message the instance cannot serve soon comes back soon, to be booked again from
             // what the limiter has learned by then. (Measured: the whole ceiling, or twice it,
             // drained scenario B of `make bench` later; a quarter of it, later on A.)
-            horizon: self.delays().backoff.ceiling(receives) / 2,
+            horizon: if budgeted {
+                (backoff
+                    .ceiling(receives)
+                    .saturating_mul(crate::redelivery::BUDGETED_REACH)
+                    / 2)
+                .min(backoff.cap)
+            } else {
+                backoff.ceiling(receives) / 2
+            },
         };
         match parsed.requests.as_slice() {
             [request] => {
@@ -703,6 +726,17 @@ impl<A: AssetApi> Ingestor<A> {
         }
     }
 
+    /// The `maxReceiveCount` of the queue `queue_arn` as far as it is known without asking:
+    /// `MAX_RECEIVE_COUNT`, or what [`Ingestor::receive_limit`] has read.
+    fn known_limit(&self, queue_arn: Option<&str>) -> Option<u32> {
+        self.config.max_receive_count.or_else(|| {
+            match self.receive_limits.lock().expect("limits").get(queue_arn?) {
+                Some(Ok(max)) => *max,
+                _ => None,
+            }
+        })
+    }
+
     /// The latest moment a call of `turn` may start: a short wait while its message may still
     /// go back to the queue, else as late as the invocation allows ([`slot_wait`]).
     async fn latest(&self, turn: &Turn<'_>, follow_up: bool) -> Instant {
@@ -855,8 +889,13 @@ impl<A: AssetApi> Ingestor<A> {
                     .and_then(|arn| spreads.get(arn))
                     .copied();
                 let fifo = fifo_group(record).is_some();
-                let delay =
-                    delays.delay(*redelivery, receive_count(record), spread, fifo, unit())?;
+                let receives = receive_count(record);
+                let reach = Budget {
+                    receives,
+                    max_receives: self.known_limit(record.event_source_arn.as_deref()),
+                }
+                .reach();
+                let delay = delays.delay(*redelivery, receives, spread, reach, fifo, unit())?;
                 Some(visibility_seconds(
                     delay,
                     since_first_receive(record, now_ms),

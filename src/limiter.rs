@@ -51,6 +51,7 @@
 //! seen falling, the function spreads its hand-backs over the time the backlog has left instead
 //! ([`crate::drain`]), the same for every instance; bookings serve until then.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -113,6 +114,7 @@ impl Default for LimiterConfig {
 pub struct Permit {
     at: Instant,
     paced: bool,
+    probe: bool,
 }
 
 #[derive(Debug)]
@@ -125,7 +127,22 @@ struct State {
     /// The rate just before the last cut: where the quota was last found.
     peak: f64,
     /// Unlimited until the first throttle; the send times of the last second, to learn from.
-    probing: Option<std::collections::VecDeque<Instant>>,
+    probing: Option<VecDeque<Instant>>,
+    /// While probing: when the probe calls of the last second were sent, and whether the API
+    /// accepted them.
+    probe_answers: VecDeque<(Instant, bool)>,
+    /// After the first throttle, until every probe call of the last second has answered.
+    settling: Option<Settling>,
+}
+
+/// The answers to the probe, counted after the first throttle: the share the API accepted is
+/// the share of the quota this instance can have.
+#[derive(Debug)]
+struct Settling {
+    cut: Instant,
+    sent: usize,
+    answered: usize,
+    accepted: usize,
 }
 
 /// Counters, for logs and benchmarks.
@@ -161,6 +178,8 @@ impl RateLimiter {
                 last_cut: None,
                 peak: rate,
                 probing: config.probe.then(Default::default),
+                probe_answers: VecDeque::new(),
+                settling: None,
             }),
         }
     }
@@ -196,6 +215,7 @@ impl RateLimiter {
             return Ok(Permit {
                 at: now,
                 paced: false,
+                probe: true,
             });
         }
         let interval = Duration::from_secs_f64(1.0 / state.rate);
@@ -212,7 +232,11 @@ impl RateLimiter {
             // only then would calling faster have needed a higher rate.
             let paced = slot > now || state.next_send + interval > now + tolerance;
             state.next_send = state.next_send.max(now) + interval;
-            return Ok(Permit { at: slot, paced });
+            return Ok(Permit {
+                at: slot,
+                paced,
+                probe: false,
+            });
         }
         // Booked at the rate where the quota was last found rather than the rate now, which a
         // cut may just have halved: AIMD spends its time between the two.
@@ -242,12 +266,47 @@ impl RateLimiter {
         Ok(permit)
     }
 
+    /// Counts an answer to a probe call (see [`Settling`]). Once every probe call sent in the
+    /// second before the first throttle has answered, the rate is no more than the calls the
+    /// API accepted of them: several instances probing at once each learn their share.
+    fn tally(&self, state: &mut State, permit: &Permit, accepted: bool) {
+        if !permit.probe {
+            return;
+        }
+        if state.probing.is_some() {
+            let now = Instant::now();
+            state.probe_answers.push_back((permit.at, accepted));
+            while state
+                .probe_answers
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) >= PROBE_WINDOW)
+            {
+                state.probe_answers.pop_front();
+            }
+            return;
+        }
+        let Some(settling) = &mut state.settling else {
+            return;
+        };
+        if permit.at + PROBE_WINDOW < settling.cut {
+            return;
+        }
+        settling.answered += 1;
+        settling.accepted += usize::from(accepted);
+        if settling.answered >= settling.sent {
+            let share = settling.accepted.max(1) as f64;
+            state.settling = None;
+            state.rate = clamp(state.rate.min(share), &self.config);
+        }
+    }
+
     /// The call made with `permit` was accepted.
     pub fn on_success(&self, permit: &Permit) {
+        let mut state = self.state.lock().expect("limiter lock");
+        self.tally(&mut state, permit, true);
         if !permit.paced {
             return;
         }
-        let mut state = self.state.lock().expect("limiter lock");
         let gain = if state.slow_start {
             self.config.slow_start_gain
         } else {
@@ -259,6 +318,10 @@ impl RateLimiter {
     /// The call made with `permit` was throttled (429 for the request rate).
     pub fn on_throttle(&self, permit: &Permit) {
         let mut state = self.state.lock().expect("limiter lock");
+        let first = state.probing.is_some();
+        if !first {
+            self.tally(&mut state, permit, false);
+        }
         // One cut per cool-down: a throttle of a call sent before the last cut, or just after
         // it, answers for a rate that was already cut (calls right after a cut can still find
         // the quota empty). A short cool-down lets a large overshoot, as when several instances
@@ -271,14 +334,28 @@ impl RateLimiter {
         }
         let now = Instant::now();
         if let Some(sent) = state.probing.take() {
-            // The first throttle: the quota lies below what was sent over the last second.
+            // The first throttle: the quota lies below what was sent over the last second. The
+            // answers still to come tell how far below (`tally`).
             let window = sent
                 .iter()
                 .filter(|at| now.duration_since(**at) < PROBE_WINDOW)
                 .count()
-                .max(1) as f64;
-            state.peak = window;
-            state.rate = window;
+                .max(1);
+            let recent = |at: &Instant| now.duration_since(*at) < PROBE_WINDOW;
+            let answers: Vec<bool> = state
+                .probe_answers
+                .drain(..)
+                .filter(|(at, _)| recent(at))
+                .map(|(_, ok)| ok)
+                .collect();
+            state.settling = Some(Settling {
+                cut: now,
+                sent: window,
+                answered: answers.len() + 1,
+                accepted: answers.iter().filter(|ok| **ok).count(),
+            });
+            state.peak = window as f64;
+            state.rate = window as f64;
         }
         // A cascade of cuts (the quota still exceeded a second later) must not drag the booking
         // rate down with it: the peak only decays by a tenth per cut.
@@ -370,6 +447,35 @@ mod tests {
         assert_eq!(stats.rate, 20.0);
         let next = limiter.reserve(now, far, NO_HORIZON).unwrap();
         assert_eq!(next.at - now, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_probe_the_rate_is_the_share_of_it_the_api_accepted() {
+        let limiter = RateLimiter::new(LimiterConfig {
+            probe: true,
+            ..LimiterConfig::default()
+        });
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let permits: Vec<Permit> = (0..10)
+            .map(|_| limiter.reserve(now, far, NO_HORIZON).unwrap())
+            .collect();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        // Two accepted, then the first throttle (10 sent: the rate halves to 5), then the
+        // other answers: one more accepted, six throttled.
+        limiter.on_success(&permits[0]);
+        limiter.on_success(&permits[1]);
+        limiter.on_throttle(&permits[2]);
+        assert_eq!(limiter.stats().rate, 5.0);
+        limiter.on_success(&permits[3]);
+        for p in &permits[4..9] {
+            limiter.on_throttle(p);
+            assert_eq!(limiter.stats().rate, 5.0, "no cut within the cool-down");
+        }
+        limiter.on_throttle(&permits[9]);
+        // Three of ten accepted: three instances probing a quota of ten at once each end
+        // near their share instead of halving to five each, fifteen in all.
+        assert_eq!(limiter.stats().rate, 3.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -84,12 +84,38 @@ impl Budget {
             .is_none_or(|max| self.receives + RESERVED_DELIVERIES < max)
     }
 
+    /// How far a hand-back for want of a slot may send the message ([`Delays::delay`]).
+    pub fn reach(&self) -> Reach {
+        match self.max_receives {
+            None => Reach::Ceiling,
+            Some(_) => Reach::Budgeted,
+        }
+    }
+
     /// Whether this is the message's last delivery: reported for redelivery, SQS would move it
     /// to the dead-letter queue without a reason.
     pub fn is_last(&self) -> bool {
         self.max_receives.is_some_and(|max| self.receives >= max)
     }
 }
+
+/// How far a message handed back for want of a request slot may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// No receive budget known: within the backoff ceiling of its receive count (booked within
+    /// half of it), since it may come back many times.
+    Ceiling,
+    /// With a receive budget, each hand-back is one of few: within [`BUDGETED_REACH`] times
+    /// that ceiling (booked within half of it).
+    Budgeted,
+}
+
+/// How many backoff ceilings a hand-back of a message with a receive budget may reach. Measured
+/// on `make bench` (docs/throttling.md): 1, 4 and 8 drain scenarios A and B of the matrix alike,
+/// within noise; unbounded (as far as the queue's depth says the backlog lasts) bills a fifth
+/// as much but drains B in 1.6 to 4 times the ideal, since the instances starve and AIMD never
+/// raises their rates again.
+pub const BUDGETED_REACH: u32 = 8;
 
 /// What decides how long one call may wait for its request slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,18 +167,34 @@ pub struct Delays {
 
 impl Delays {
     /// How long a message to retry stays away: `None` where the queue's own visibility timeout
-    /// applies. `spread` is the time its queue's backlog has left, when known; `unit` in
-    /// `[0, 1)` draws the jitter.
+    /// applies. `spread` is the time over which its queue's hand-backs are spread, when known
+    /// ([`crate::drain::DrainGauge::spread`]); `reach` says how far a hand-back may go
+    /// ([`Budget::reach`]); `unit` in `[0, 1)` draws the jitter.
+    ///
+    /// With a receive budget, a hand-back reaches [`BUDGETED_REACH`] backoff ceilings instead of
+    /// one: each of its few hand-backs should bring it back when there is room.
     pub fn delay(
         &self,
         redelivery: Redelivery,
         receives: u32,
         spread: Option<Duration>,
+        reach: Reach,
         fifo: bool,
         unit: f64,
     ) -> Option<Duration> {
         let backoff = self.backoff;
+        let reach_cap = backoff
+            .ceiling(receives)
+            .saturating_mul(BUDGETED_REACH)
+            .min(backoff.cap);
+        let jitter = |within: Duration| within.min(reach_cap).mul_f64(unit.clamp(0.0, 1.0));
         let delay = match (redelivery, spread) {
+            (Redelivery::After(_) | Redelivery::Within(_), Some(spread))
+                if reach == Reach::Budgeted =>
+            {
+                jitter(spread)
+            }
+            (Redelivery::Within(horizon), None) if reach == Reach::Budgeted => jitter(horizon),
             // Spread over the time the backlog has left, like every other instance's
             // hand-backs, rather than on this instance's own booking line.
             (Redelivery::After(_) | Redelivery::Within(_), Some(spread)) => {
@@ -277,12 +319,44 @@ mod tests {
             quota: Duration::from_secs(3600),
             fifo_cap: Duration::from_secs(10),
         };
-        let d = |r, fifo| delays.delay(r, 6, None, fifo, 0.999).unwrap().as_secs();
+        let d = |r, fifo| {
+            delays
+                .delay(r, 6, None, Reach::Ceiling, fifo, 0.999)
+                .unwrap()
+                .as_secs()
+        };
         assert_eq!(d(Redelivery::Quota, false), 3600);
         assert_eq!(d(Redelivery::Quota, true), 10);
         assert_eq!(d(Redelivery::Backoff, false), 63);
         assert_eq!(d(Redelivery::Backoff, true), 10);
-        assert_eq!(delays.delay(Redelivery::Queue, 6, None, true, 0.5), None);
+        assert_eq!(
+            delays.delay(Redelivery::Queue, 6, None, Reach::Ceiling, true, 0.5),
+            None
+        );
+    }
+
+    #[test]
+    fn with_a_receive_budget_a_hand_back_reaches_further_than_the_backoff_ceiling() {
+        let delays = Delays {
+            backoff: Backoff::default(),
+            quota: Duration::from_secs(3600),
+            fifo_cap: Duration::from_secs(10),
+        };
+        let no_slot = Redelivery::Within(Duration::from_secs(60));
+        let d = |reach, spread| {
+            delays
+                .delay(no_slot, 2, spread, reach, false, 0.5)
+                .unwrap()
+                .as_secs_f64()
+        };
+        // Second receive: the ceiling is 4 s; with a budget, 8 x 4 = 32 s.
+        let spread = Some(Duration::from_secs(40));
+        assert_eq!(d(Reach::Ceiling, spread), 2.0);
+        assert_eq!(d(Reach::Budgeted, spread), 16.0);
+        assert_eq!(d(Reach::Budgeted, Some(Duration::from_secs(10))), 5.0);
+        assert_eq!(d(Reach::Budgeted, None), 16.0);
+        assert_eq!(budget(1, Some(5)).reach(), Reach::Budgeted);
+        assert_eq!(budget(2, None).reach(), Reach::Ceiling);
     }
 
     #[test]

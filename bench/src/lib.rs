@@ -3,9 +3,13 @@
 //!
 //! The queue keeps what matters for the comparison: a message received becomes invisible for
 //! the visibility timeout, comes back with its `ApproximateReceiveCount` raised unless deleted,
-//! and `ChangeMessageVisibility` moves its return. The mapping runs one poller per instance:
-//! receive up to 10 visible messages, invoke, delete what the response does not list, and bill
-//! the invocation's duration. An invocation that errors or outlives its timeout deletes nothing.
+//! and `ChangeMessageVisibility` moves its return. With a redrive policy (`maxReceiveCount`), a
+//! message received that many times is moved to the dead-letter queue on its next receive, as
+//! SQS does; the function's own dead letters are counted apart. A FIFO queue delivers a message
+//! group's messages in order, and nothing of a group while one of its messages is in flight.
+//! The mapping runs one poller per instance: receive up to 10 visible messages, invoke, delete
+//! what the response does not list, and bill the invocation's duration. An invocation that
+//! errors or outlives its timeout deletes nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,15 +28,21 @@ use mpvod_ingest::message::{AssetRequest, Defaults};
 use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
 use tokio::time::Instant;
 
+pub mod matrix;
+
 /// Upper bounds, in seconds, of the trace's buckets of return times (the last takes the rest).
 const RETURN_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, f64::INFINITY];
 
-/// The queue ARN every simulated message carries.
+/// The queue ARN every simulated message of a standard queue carries.
 pub const QUEUE_ARN: &str = "arn:aws:sqs:us-east-1:123456789012:mediapackage-ingest";
+/// The queue ARN every simulated message of a FIFO queue carries.
+pub const FIFO_QUEUE_ARN: &str = "arn:aws:sqs:us-east-1:123456789012:mediapackage-ingest.fifo";
 
 struct Message {
     id: String,
     body: String,
+    group: Option<String>,
+    seq: u64,
     visible_at: Instant,
     receives: u32,
     receipt: Option<String>,
@@ -45,13 +55,23 @@ struct QueueState {
     receipts: BTreeMap<String, String>,
     max_receives: u32,
     receipt_seq: u64,
+    send_seq: u64,
+    /// Receives of every message deleted or dead-lettered, summed.
+    settled_receives: u64,
+    settled: u64,
+    /// Moved to the dead-letter queue by the redrive policy, by message id.
+    redriven: Vec<String>,
+    /// Sent to the dead-letter queue by the function: message id and `ErrorCode`.
+    dead_letters: Vec<(String, String)>,
 }
 
-/// An in-memory standard queue with SQS visibility semantics.
+/// An in-memory queue with SQS visibility, redrive and FIFO semantics.
 pub struct SimQueue {
     state: Mutex<QueueState>,
     visibility_timeout: Duration,
     visibility_changes: AtomicU64,
+    max_receive_count: Option<u32>,
+    fifo: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -61,24 +81,50 @@ fn epoch_ms() -> u64 {
 }
 
 impl SimQueue {
-    /// An empty queue whose received messages stay invisible for `visibility_timeout`.
+    /// An empty standard queue whose received messages stay invisible for
+    /// `visibility_timeout`, without a redrive policy.
     pub fn new(visibility_timeout: Duration) -> Arc<Self> {
+        Self::with_redrive(visibility_timeout, None, false)
+    }
+
+    /// An empty queue, FIFO or not, with a redrive policy of `max_receive_count` if given.
+    pub fn with_redrive(
+        visibility_timeout: Duration,
+        max_receive_count: Option<u32>,
+        fifo: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(QueueState::default()),
             visibility_timeout,
             visibility_changes: AtomicU64::new(0),
+            max_receive_count,
+            fifo,
         })
     }
 
     /// Enqueues a message.
     pub fn send(&self, id: impl Into<String>, body: impl Into<String>) {
+        self.send_to_group(id, body, None);
+    }
+
+    /// Enqueues a message in a FIFO message group.
+    pub fn send_to_group(
+        &self,
+        id: impl Into<String>,
+        body: impl Into<String>,
+        group: Option<String>,
+    ) {
         let id = id.into();
         let mut state = self.state.lock().unwrap();
+        state.send_seq += 1;
+        let seq = state.send_seq;
         state.messages.insert(
             id.clone(),
             Message {
                 id,
                 body: body.into(),
+                group,
+                seq,
                 visible_at: Instant::now(),
                 receives: 0,
                 receipt: None,
@@ -87,20 +133,67 @@ impl SimQueue {
         );
     }
 
-    /// Receives up to `max` visible messages, oldest-visible first, as Lambda event records.
+    /// The messages receivable now, in the order SQS would hand them out: oldest-visible first
+    /// on a standard queue; on a FIFO queue, each group's messages in order, none of a group
+    /// with a message in flight.
+    fn receivable(&self, state: &QueueState, now: Instant, max: usize) -> Vec<String> {
+        if !self.fifo {
+            let mut visible: Vec<(Instant, String)> = state
+                .messages
+                .values()
+                .filter(|m| m.visible_at <= now)
+                .map(|m| (m.visible_at, m.id.clone()))
+                .collect();
+            visible.sort();
+            visible.truncate(max);
+            return visible.into_iter().map(|(_, id)| id).collect();
+        }
+        let mut by_seq: Vec<&Message> = state.messages.values().collect();
+        by_seq.sort_by_key(|m| m.seq);
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut out = Vec::new();
+        for m in by_seq {
+            let group = m.group.as_deref().unwrap_or("");
+            if blocked.contains(group) {
+                continue;
+            }
+            if m.visible_at > now {
+                blocked.insert(group);
+                continue;
+            }
+            if out.len() < max {
+                out.push(m.id.clone());
+            }
+        }
+        out
+    }
+
+    /// Receives up to `max` messages as Lambda event records. A message already received
+    /// `maxReceiveCount` times goes to the dead-letter queue instead.
     pub fn receive(&self, max: usize) -> Vec<SqsMessage> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
-        let mut visible: Vec<(Instant, String)> = state
-            .messages
-            .values()
-            .filter(|m| m.visible_at <= now)
-            .map(|m| (m.visible_at, m.id.clone()))
-            .collect();
-        visible.sort();
-        visible.truncate(max);
+        if let Some(limit) = self.max_receive_count {
+            let over: Vec<String> = state
+                .messages
+                .values()
+                .filter(|m| m.visible_at <= now && m.receives >= limit)
+                .map(|m| m.id.clone())
+                .collect();
+            for id in over {
+                let m = state.messages.remove(&id).expect("listed");
+                if let Some(receipt) = m.receipt {
+                    state.receipts.remove(&receipt);
+                }
+                state.settled_receives += u64::from(m.receives);
+                state.settled += 1;
+                state.redriven.push(id);
+            }
+        }
+        let visible = self.receivable(&state, now, max);
+        let arn = if self.fifo { FIFO_QUEUE_ARN } else { QUEUE_ARN };
         let mut records = Vec::with_capacity(visible.len());
-        for (_, id) in visible {
+        for id in visible {
             state.receipt_seq += 1;
             let receipt = format!("rh-{}-{}", id, state.receipt_seq);
             let vt = self.visibility_timeout;
@@ -114,7 +207,12 @@ impl SimQueue {
             record.receipt_handle = Some(receipt.clone());
             record.body = Some(message.body.clone());
             record.event_source = Some("aws:sqs".into());
-            record.event_source_arn = Some(QUEUE_ARN.into());
+            record.event_source_arn = Some(arn.into());
+            if let Some(group) = &message.group {
+                record
+                    .attributes
+                    .insert("MessageGroupId".into(), group.clone());
+            }
             record.aws_region = Some("us-east-1".into());
             record.attributes.insert(
                 "ApproximateReceiveCount".into(),
@@ -138,8 +236,27 @@ impl SimQueue {
     pub fn delete(&self, receipt: &str) {
         let mut state = self.state.lock().unwrap();
         if let Some(id) = state.receipts.remove(receipt) {
-            state.messages.remove(&id);
+            if let Some(m) = state.messages.remove(&id) {
+                state.settled_receives += u64::from(m.receives);
+                state.settled += 1;
+            }
         }
+    }
+
+    /// The mean receives of the messages settled (deleted or dead-lettered).
+    pub fn mean_receives(&self) -> f64 {
+        let state = self.state.lock().unwrap();
+        state.settled_receives as f64 / state.settled.max(1) as f64
+    }
+
+    /// Message ids the redrive policy moved to the dead-letter queue.
+    pub fn redriven(&self) -> Vec<String> {
+        self.state.lock().unwrap().redriven.clone()
+    }
+
+    /// Message ids and error codes the function sent to the dead-letter queue.
+    pub fn dead_letters(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().dead_letters.clone()
     }
 
     /// Messages not yet deleted.
@@ -168,13 +285,26 @@ pub struct SimQueuePort(pub Arc<SimQueue>);
 
 #[async_trait]
 impl QueueApi for SimQueuePort {
-    /// The simulated queue has no dead-letter queue (every benchmark message is valid): a
-    /// permanent failure stays reported, as it would on a queue without a redrive policy.
-    async fn dead_letter(&self, _queue_arn: &str, _letter: &DeadLetter) -> Result<(), QueueError> {
-        Err(QueueError {
-            code: "NoDeadLetterQueue".into(),
-            message: "the simulated queue has no dead-letter queue".into(),
-        })
+    /// Without a redrive policy there is no dead-letter queue: a permanent failure stays
+    /// reported. With one, the letter is kept (the function then acknowledges the message).
+    async fn dead_letter(&self, _queue_arn: &str, letter: &DeadLetter) -> Result<(), QueueError> {
+        if self.0.max_receive_count.is_none() {
+            return Err(QueueError {
+                code: "NoDeadLetterQueue".into(),
+                message: "the simulated queue has no dead-letter queue".into(),
+            });
+        }
+        self.0
+            .state
+            .lock()
+            .unwrap()
+            .dead_letters
+            .push((letter.message_id.clone(), letter.code.clone()));
+        Ok(())
+    }
+
+    async fn max_receive_count(&self, _queue_arn: &str) -> Result<Option<u32>, QueueError> {
+        Ok(self.0.max_receive_count)
     }
 
     async fn change_visibility(
@@ -246,6 +376,8 @@ pub struct DrainReport {
     pub invocations: u64,
     /// Invocations that failed or timed out.
     pub failed_invocations: u64,
+    /// Invocations that outlived the function timeout.
+    pub timeouts: u64,
 }
 
 /// The index of the first of `uppers` (ascending) that `value` is below; the last takes the rest.
@@ -317,7 +449,11 @@ pub async fn drain(
                             }
                         }
                     }
-                    _ => report.failed_invocations += 1,
+                    Ok(Err(_)) => report.failed_invocations += 1,
+                    Err(_) => {
+                        report.failed_invocations += 1;
+                        report.timeouts += 1;
+                    }
                 }
             }
             report
@@ -369,6 +505,7 @@ pub async fn drain(
         total.billed += report.billed;
         total.invocations += report.invocations;
         total.failed_invocations += report.failed_invocations;
+        total.timeouts += report.timeouts;
     }
     total.drain_time = start.elapsed();
     if let Some(ticker) = ticker {
