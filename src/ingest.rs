@@ -1674,6 +1674,15 @@ mod tests {
         }
     }
 
+    fn assert_all_created(outcomes: &[Outcome]) {
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{outcomes:?}"
+        );
+    }
+
     /// A limiter that has learned `rate` from a throttle and has a full bucket again.
     async fn learned(ingestor: &Ingestor<Fake>, rate: usize) {
         let now = Instant::now();
@@ -1787,12 +1796,7 @@ mod tests {
         let outcomes = ingestor
             .process_batch(&records, Instant::now() + Duration::from_secs(60))
             .await;
-        assert!(
-            outcomes
-                .iter()
-                .all(|o| matches!(o, Outcome::Created { .. })),
-            "{outcomes:?}"
-        );
+        assert_all_created(&outcomes);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1846,12 +1850,7 @@ mod tests {
         let outcomes = ingestor
             .process_batch(&batch(1), start + Duration::from_secs(3))
             .await;
-        assert!(
-            outcomes
-                .iter()
-                .all(|o| matches!(o, Outcome::Created { .. })),
-            "{outcomes:?}"
-        );
+        assert_all_created(&outcomes);
         // Ten calls of 50 ms, all at once: one round trip, not ten.
         assert_eq!(Instant::now() - start, Duration::from_millis(50));
     }
@@ -1863,12 +1862,7 @@ mod tests {
         let outcomes = ingestor
             .process_batch(&batch(1)[..2], Instant::now() + Duration::from_secs(3))
             .await;
-        assert!(
-            outcomes
-                .iter()
-                .all(|o| matches!(o, Outcome::Created { .. })),
-            "{outcomes:?}"
-        );
+        assert_all_created(&outcomes);
     }
 
     /// A queue whose every call hangs for a minute.

@@ -235,6 +235,40 @@ pub const B: Row = Row {
     ..A
 };
 
+/// An API that never throttles, a cold instance, `maxReceiveCount` 3.
+pub const COLD: Row = Row {
+    name: "cold",
+    messages: 100,
+    instances: 1,
+    rate: None,
+    max_receive_count: Some(3),
+    ..A
+};
+
+/// A slow API (1.5 s per call, 2 requests/s) and Lambda's short 3 s timeout.
+pub const SLOW: Row = Row {
+    name: "slow",
+    messages: 20,
+    instances: 2,
+    rate: Some(2.0),
+    burst: 2,
+    latency: Duration::from_millis(1500),
+    visibility_timeout: Duration::from_secs(18),
+    function_timeout: Duration::from_secs(3),
+    ..A
+};
+
+/// A FIFO queue: three message groups, 5 requests/s, two instances.
+pub const FIFO: Row = Row {
+    name: "fifo",
+    messages: 30,
+    instances: 2,
+    rate: Some(5.0),
+    burst: 5,
+    fifo_groups: Some(3),
+    ..A
+};
+
 /// The rows of `make bench`, with the strategies each runs: the baselines run where the
 /// targets compare with them.
 pub fn rows() -> Vec<(Row, &'static [Strategy])> {
@@ -247,17 +281,7 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
     ];
     const SEQUENTIAL: &[Strategy] = &[Strategy::Ours, Strategy::Sequential];
     vec![
-        (
-            Row {
-                name: "cold",
-                messages: 100,
-                instances: 1,
-                rate: None,
-                max_receive_count: Some(3),
-                ..A
-            },
-            OURS,
-        ),
+        (COLD, OURS),
         (
             Row {
                 name: "a3",
@@ -300,32 +324,8 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
             },
             SEQUENTIAL,
         ),
-        (
-            Row {
-                name: "slow",
-                messages: 20,
-                instances: 2,
-                rate: Some(2.0),
-                burst: 2,
-                latency: Duration::from_millis(1500),
-                visibility_timeout: Duration::from_secs(18),
-                function_timeout: Duration::from_secs(3),
-                ..A
-            },
-            OURS,
-        ),
-        (
-            Row {
-                name: "fifo",
-                messages: 30,
-                instances: 2,
-                rate: Some(5.0),
-                burst: 5,
-                fifo_groups: Some(3),
-                ..A
-            },
-            OURS,
-        ),
+        (SLOW, OURS),
+        (FIFO, OURS),
     ]
 }
 

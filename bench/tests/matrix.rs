@@ -3,9 +3,7 @@
 //! times out, nothing is lost, FIFO order is kept, and an API that never throttles sees no
 //! message handed back.
 
-use std::time::Duration;
-
-use mpvod_bench::matrix::{run, Outcome, Row, Strategy, A};
+use mpvod_bench::matrix::{run, Outcome, Row, Strategy, A, COLD, FIFO, SLOW};
 use mpvod_ingest::config::Config;
 
 async fn ours(row: Row) -> Outcome {
@@ -40,12 +38,8 @@ fn assert_clean(o: &Outcome) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_that_never_throttles_sees_no_message_handed_back() {
     let o = ours(Row {
-        name: "cold",
         messages: 30,
-        instances: 1,
-        rate: None,
-        max_receive_count: Some(3),
-        ..A
+        ..COLD
     })
     .await;
     assert_clean(&o);
@@ -70,15 +64,9 @@ async fn a_throttled_backlog_at_max_receive_count_3_loses_no_valid_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_api_with_a_three_second_timeout_drains_without_timeouts() {
     let o = ours(Row {
-        name: "slow",
         messages: 6,
         instances: 1,
-        rate: Some(2.0),
-        burst: 2,
-        latency: Duration::from_millis(1500),
-        visibility_timeout: Duration::from_secs(18),
-        function_timeout: Duration::from_secs(3),
-        ..A
+        ..SLOW
     })
     .await;
     assert_clean(&o);
@@ -87,14 +75,9 @@ async fn a_slow_api_with_a_three_second_timeout_drains_without_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_fifo_queue_keeps_its_order_and_hands_nothing_back() {
     let o = ours(Row {
-        name: "fifo",
         messages: 15,
-        instances: 2,
-        rate: Some(5.0),
-        burst: 5,
         max_receive_count: Some(3),
-        fifo_groups: Some(3),
-        ..A
+        ..FIFO
     })
     .await;
     assert_clean(&o);
