@@ -161,6 +161,12 @@ EVENTS = {
         record(20, request("show-seven-s01e02"), FIFO_QUEUE, "show-seven"),
         record(21, request("show-six-s01e01"), FIFO_QUEUE, "show-seven"),
     ],
+    # One source, no id, for two packaging groups (one per DRM setting, say): two assets, each
+    # with the id derived from its group and the source.
+    "two-groups.json": [
+        record(22, request(key="show/eight/s01e01/index.m3u8", packagingGroupId="vod-group")),
+        record(23, request(key="show/eight/s01e01/index.m3u8", packagingGroupId="drm-group")),
+    ],
 }
 
 for name, records in EVENTS.items():

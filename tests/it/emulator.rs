@@ -418,3 +418,25 @@ async fn an_explicit_id_taken_in_another_packaging_group_is_a_conflict() {
     );
     assert_eq!(emulator.assets().len(), 1);
 }
+
+#[tokio::test]
+async fn the_two_groups_sample_makes_one_asset_in_each_group() {
+    let emulator = emulator(EmulatorConfig::default().with_packaging_group("drm-group")).await;
+    let config = Config {
+        source_role_arn: Some(mpvod_ingest::message::RoleArn::parse(ROLE).unwrap()),
+        ..test_config()
+    };
+    let ingestor = ingestor(&emulator, config);
+    let records = event("two-groups.json").records;
+    let outcomes = ingestor.process_batch(&records, far_deadline()).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Created { .. })),
+        "{outcomes:?}"
+    );
+    let assets = emulator.assets();
+    assert_eq!(assets.len(), 2);
+    assert_ne!(assets[0].id, assets[1].id);
+    assert_eq!(assets[0].source_arn, assets[1].source_arn);
+}
