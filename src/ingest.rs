@@ -34,7 +34,7 @@ use crate::redelivery::{
 };
 use crate::sqs::{DeadLetter, QueueApi, VisibilityChange};
 
-/// How long a failure to read a queue's `maxReceiveCount` is remembered before asking again.
+/// How long a queue without a known `maxReceiveCount` goes before it is asked again.
 const LIMIT_RETRY: Duration = Duration::from_secs(60);
 
 /// Kept free at the very end of the invocation for the runtime to send the response.
@@ -269,9 +269,10 @@ pub struct Ingestor<A> {
     gauge: DrainGauge,
     config: Config,
     defaults: Defaults,
-    /// Each source queue's `maxReceiveCount`, read once; or when reading it failed, so that it
-    /// is asked again only after [`LIMIT_RETRY`].
-    receive_limits: Mutex<HashMap<String, Result<Option<u32>, Instant>>>,
+    /// Each source queue's `maxReceiveCount` and when it was read. A known one is kept; none
+    /// (no redrive policy, or the read failed) is asked again after [`LIMIT_RETRY`], so a policy
+    /// added later is seen.
+    receive_limits: Mutex<HashMap<String, (Option<u32>, Instant)>>,
     warned_short_timeout: AtomicBool,
 }
 
@@ -703,15 +704,16 @@ impl<A: AssetApi> Ingestor<A> {
             return None;
         };
         match self.receive_limits.lock().expect("limits").get(arn) {
-            Some(Ok(known)) => return *known,
-            Some(Err(failed)) if failed.elapsed() < LIMIT_RETRY => return None,
+            Some((Some(max), _)) => return Some(*max),
+            Some((None, read_at)) if read_at.elapsed() < LIMIT_RETRY => return None,
             _ => {}
         }
         let read = queue.max_receive_count(arn).await;
+        let max = read.as_ref().ok().copied().flatten();
         self.receive_limits
             .lock()
             .expect("limits")
-            .insert(arn.to_string(), read.clone().map_err(|_| Instant::now()));
+            .insert(arn.to_string(), (max, Instant::now()));
         match read {
             Ok(max) => max,
             Err(error) => {
@@ -730,10 +732,11 @@ impl<A: AssetApi> Ingestor<A> {
     /// `MAX_RECEIVE_COUNT`, or what [`Ingestor::receive_limit`] has read.
     fn known_limit(&self, queue_arn: Option<&str>) -> Option<u32> {
         self.config.max_receive_count.or_else(|| {
-            match self.receive_limits.lock().expect("limits").get(queue_arn?) {
-                Some(Ok(max)) => *max,
-                _ => None,
-            }
+            self.receive_limits
+                .lock()
+                .expect("limits")
+                .get(queue_arn?)
+                .and_then(|(max, _)| *max)
         })
     }
 

@@ -119,16 +119,7 @@ async fn a_throttle_that_outlasts_the_retries_is_reported_for_redelivery() {
 #[tokio::test]
 async fn an_existing_id_with_the_same_source_is_a_success() {
     let create = already_exists();
-    let describe = mock!(Client::describe_asset)
-        .match_requests(|r| r.id() == Some("s01e01"))
-        .then_output(|| {
-            DescribeAssetOutput::builder()
-                .id("s01e01")
-                .source_arn(SOURCE)
-                .packaging_group_id("vod-group")
-                .source_role_arn(ROLE)
-                .build()
-        });
+    let describe = described_in("vod-group");
     let outcome = create_with(&[&create, &describe]).await;
     assert_eq!(outcome, Outcome::AlreadyExists);
     assert_eq!(describe.num_calls(), 1);
