@@ -75,6 +75,17 @@ pub struct Config {
     /// `DEAD_LETTER_QUEUE_URL`: where permanent failures go; by default the source queue's
     /// `RedrivePolicy` target.
     pub dead_letter_queue_url: Option<String>,
+    /// `QUOTA_MAX_REFUSALS`: how many CreateAsset calls of one packaging group this instance
+    /// sees refused for the asset quota before it treats the group as full and sends the
+    /// messages refused for it to the dead-letter queue (`AssetQuotaExceeded`; 1 to 1000,
+    /// default 3). Earlier refusals come back after `QUOTA_REDELIVERY_SECONDS`.
+    pub quota_max_refusals: u32,
+    /// `OVERFLOW_PACKAGING_GROUP_IDS` (comma-separated): identically configured packaging
+    /// groups that take the assets of `PACKAGING_GROUP_ID`, in order, once it is full.
+    pub overflow_groups: Vec<PackagingGroupId>,
+    /// `EVENT_BUS_NAME`: the EventBridge bus (name or ARN) that receives an `Asset Created`
+    /// event for each asset made or found; unset, no events (the default).
+    pub event_bus: Option<String>,
 }
 
 impl Default for Config {
@@ -99,6 +110,9 @@ impl Default for Config {
             fifo_redelivery_cap: Duration::from_secs(10),
             policy: SourcePolicy::default(),
             dead_letter_queue_url: None,
+            quota_max_refusals: 3,
+            overflow_groups: Vec::new(),
+            event_bus: None,
         }
     }
 }
@@ -172,9 +186,14 @@ impl Config {
                     }
                 })
                 .transpose()?,
+            quota_max_refusals: number(&get, "QUOTA_MAX_REFUSALS", 1, 1000)?
+                .map_or(defaults.quota_max_refusals, |v| v as u32),
+            overflow_groups: Vec::new(),
+            event_bus: get("EVENT_BUS_NAME").map(|v| v.trim().to_string()),
         };
         let config = Self {
             policy: policy(&get, config.source_role_arn.as_ref())?,
+            overflow_groups: overflow(&get, config.packaging_group_id.as_ref())?,
             ..config
         };
         if config.redelivery_base > config.redelivery_cap {
@@ -216,6 +235,38 @@ fn list(get: &impl Fn(&str) -> Option<String>, var: &str) -> Option<Vec<String>>
             .map(str::to_string)
             .collect()
     })
+}
+
+/// `OVERFLOW_PACKAGING_GROUP_IDS`: valid ids, each once, none of them `PACKAGING_GROUP_ID`,
+/// which must be set: the overflow groups follow that group.
+fn overflow(
+    get: &impl Fn(&str) -> Option<String>,
+    default: Option<&PackagingGroupId>,
+) -> Result<Vec<PackagingGroupId>, ConfigError> {
+    const VAR: &str = "OVERFLOW_PACKAGING_GROUP_IDS";
+    let Some(ids) = list(get, VAR) else {
+        return Ok(Vec::new());
+    };
+    let Some(default) = default else {
+        return Err(invalid(
+            VAR,
+            &ids.join(","),
+            "needs PACKAGING_GROUP_ID: the overflow groups take that group's assets once it is full",
+        ));
+    };
+    let mut groups: Vec<PackagingGroupId> = Vec::new();
+    for id in &ids {
+        let group = PackagingGroupId::parse(id).map_err(|e| invalid(VAR, id, e))?;
+        if &group == default || groups.contains(&group) {
+            return Err(invalid(
+                VAR,
+                &ids.join(","),
+                format!("names {id} twice (PACKAGING_GROUP_ID included)"),
+            ));
+        }
+        groups.push(group);
+    }
+    Ok(groups)
 }
 
 fn policy(
@@ -354,6 +405,9 @@ mod tests {
             ("REDELIVERY_CAP_SECONDS", "600"),
             ("QUOTA_REDELIVERY_SECONDS", "7200"),
             ("FIFO_REDELIVERY_CAP_SECONDS", "5"),
+            ("QUOTA_MAX_REFUSALS", "5"),
+            ("OVERFLOW_PACKAGING_GROUP_IDS", "vod-group-2, vod-group-3"),
+            ("EVENT_BUS_NAME", "pipeline"),
         ])
         .unwrap();
         assert_eq!(c.packaging_group_id.unwrap().as_str(), "vod-group");
@@ -375,6 +429,31 @@ mod tests {
         assert_eq!(c.redelivery_cap, Duration::from_secs(600));
         assert_eq!(c.quota_redelivery, Duration::from_secs(7200));
         assert_eq!(c.fifo_redelivery_cap, Duration::from_secs(5));
+        assert_eq!(c.quota_max_refusals, 5);
+        let overflow: Vec<&str> = c.overflow_groups.iter().map(|g| g.as_str()).collect();
+        assert_eq!(overflow, ["vod-group-2", "vod-group-3"]);
+        assert_eq!(c.event_bus.as_deref(), Some("pipeline"));
+    }
+
+    #[test]
+    fn overflow_groups_follow_the_default_group_each_once() {
+        let bad = |vars: &[(&str, &str)]| config(vars).unwrap_err().var;
+        // Without a default group there is nothing for them to follow.
+        assert_eq!(
+            bad(&[("OVERFLOW_PACKAGING_GROUP_IDS", "g2")]),
+            "OVERFLOW_PACKAGING_GROUP_IDS"
+        );
+        for list in ["g1,g2", "g2,g2", "g2,bad group"] {
+            assert_eq!(
+                bad(&[
+                    ("PACKAGING_GROUP_ID", "g1"),
+                    ("OVERFLOW_PACKAGING_GROUP_IDS", list)
+                ]),
+                "OVERFLOW_PACKAGING_GROUP_IDS",
+                "{list}"
+            );
+        }
+        assert_eq!(bad(&[("QUOTA_MAX_REFUSALS", "0")]), "QUOTA_MAX_REFUSALS");
     }
 
     #[test]

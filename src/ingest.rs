@@ -22,8 +22,9 @@ use crate::backoff::{visibility_seconds, Backoff};
 use crate::config::Config;
 use crate::drain::DrainGauge;
 use crate::envelope::parse_body;
+use crate::events::{AssetEvent, EventBus, PublishError, MAX_ENTRIES};
 use crate::limiter::{LimiterConfig, RateLimiter};
-use crate::mediapackage::{ApiError, AssetApi, ErrorKind, ExistingAsset};
+use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{
     AssetId, AssetRequest, Defaults, InvalidMessage, PackagingGroupId, Refused, RoleArn, SourceArn,
 };
@@ -84,17 +85,34 @@ impl From<Refused> for Failure {
     }
 }
 
+/// An asset a message asked for, made or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// What the message asked for.
+    pub request: AssetRequest,
+    /// The asset as the API returned it: its packaging group is the one asked for or an
+    /// overflow group.
+    pub asset: Asset,
+    /// Found already existing rather than made now.
+    pub found: bool,
+    /// The shape the message came in.
+    pub envelope: String,
+}
+
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// CreateAsset made the asset.
+    /// CreateAsset made the asset (of a body naming several, at least one; the others existed).
     Created {
-        /// The new asset's ARN.
-        arn: Option<String>,
+        /// The assets.
+        assets: Vec<Ready>,
     },
     /// The asset already existed as asked (same id, source, packaging group and role): a
     /// redelivery after success.
-    AlreadyExists,
+    AlreadyExists {
+        /// The assets.
+        assets: Vec<Ready>,
+    },
     /// Nothing to create (an `s3:TestEvent`, objects that are no manifests, other S3 events):
     /// acknowledged, with the reason.
     Skipped(String),
@@ -113,6 +131,21 @@ impl Outcome {
     /// Whether SQS must deliver the message again (listed in `batchItemFailures`).
     pub fn must_redeliver(&self) -> bool {
         matches!(self, Self::Retry(..) | Self::Permanent(_))
+    }
+
+    /// The assets a message made or found.
+    pub fn assets(&self) -> &[Ready] {
+        match self {
+            Self::Created { assets } | Self::AlreadyExists { assets } => assets,
+            _ => &[],
+        }
+    }
+
+    fn assets_mut(&mut self) -> &mut [Ready] {
+        match self {
+            Self::Created { assets } | Self::AlreadyExists { assets } => assets,
+            _ => &mut [],
+        }
     }
 
     fn from_api_error(error: ApiError) -> Self {
@@ -274,6 +307,10 @@ pub struct Ingestor<A> {
     /// added later is seen.
     receive_limits: Mutex<HashMap<String, (Option<u32>, Instant)>>,
     warned_short_timeout: AtomicBool,
+    events: Option<Box<dyn EventBus>>,
+    /// Per packaging group: CreateAsset calls refused for the asset quota since the last asset
+    /// made in it, and when the last one was.
+    quota_refusals: Mutex<HashMap<PackagingGroupId, (u32, Instant)>>,
 }
 
 impl<A: AssetApi> Ingestor<A> {
@@ -304,7 +341,16 @@ impl<A: AssetApi> Ingestor<A> {
             defaults,
             receive_limits: Mutex::default(),
             warned_short_timeout: AtomicBool::new(false),
+            events: None,
+            quota_refusals: Mutex::default(),
         }
+    }
+
+    /// Publishes an `Asset Created` event on `bus` for each asset made or found
+    /// ([`crate::events`]).
+    pub fn with_events(mut self, bus: impl EventBus + 'static) -> Self {
+        self.events = Some(Box::new(bus));
+        self
     }
 
     /// Sets message visibility through `queue` for messages to retry, and sends what cannot
@@ -357,6 +403,10 @@ impl<A: AssetApi> Ingestor<A> {
     ) -> Result<SqsBatchResponse, MissingMessageId> {
         let report = deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline);
         let outcomes = self.process_batch(records, deadline).await;
+        // Events take at most half of what is left, so dead letters and delays keep the rest.
+        let now = Instant::now();
+        let events_until = now + report.saturating_duration_since(now) / 2;
+        let outcomes = self.publish(records, outcomes, events_until).await;
         let outcomes = self.retire_exhausted(records, outcomes, report).await;
         let response = batch_response(records, &outcomes)?;
         self.delay_redeliveries(records, &outcomes, report).await;
@@ -541,7 +591,7 @@ impl<A: AssetApi> Ingestor<A> {
                 backoff.ceiling(receives) / 2
             },
         };
-        match parsed.requests.as_slice() {
+        let mut outcome = match parsed.requests.as_slice() {
             [request] => {
                 span.record("asset_id", request.id.as_str());
                 calls.create(self, request, &turn).await
@@ -558,7 +608,11 @@ impl<A: AssetApi> Ingestor<A> {
                 }
                 combine(outcomes)
             }
+        };
+        for ready in outcome.assets_mut() {
+            ready.envelope = parsed.envelope.to_string();
         }
+        outcome
     }
 
     /// The dead letter for `record`, failed with `failure`.
@@ -769,23 +823,77 @@ impl<A: AssetApi> Ingestor<A> {
     /// packaging group and role) is a redelivery after success, another one is a conflict. A
     /// redelivered body of several objects looks each one up first, so the objects made on an
     /// earlier delivery cost one call, not two, and the body makes progress on every delivery.
-    /// Every call takes a slot from the rate limiter.
+    /// A packaging group refused for its asset quota hands over to the next overflow group,
+    /// and once `QUOTA_MAX_REFUSALS` calls have been refused for it (and for every group after
+    /// it), the message is dead-lettered as `AssetQuotaExceeded`. Every call takes a slot from
+    /// the rate limiter.
     pub async fn create(&self, request: &AssetRequest, turn: &Turn<'_>) -> Outcome {
+        let chain = self.chain(request);
         if turn.several && turn.receives > 1 {
             match self
                 .limited(turn, false, || self.api.describe_asset(&request.id))
                 .await
             {
-                Ok(Some(existing)) => return settle(request, &existing),
+                Ok(Some(existing)) => return settle(request, existing, &chain),
                 Ok(None) => {}
                 Err(stop) => return stop.into_outcome(),
             }
         }
+        for (index, group) in chain.iter().enumerate() {
+            let last = index + 1 == chain.len();
+            if !last && self.known_full(group) {
+                continue;
+            }
+            let attempt = AssetRequest {
+                packaging_group_id: group.clone(),
+                ..request.clone()
+            };
+            let outcome = self.create_in(request, &attempt, &chain, turn).await;
+            match &outcome {
+                Outcome::Retry(_, Redelivery::Quota) => {
+                    let refusals = self.note_quota_refusal(group);
+                    if !last {
+                        tracing::warn!(
+                            packaging_group_id = group.as_str(),
+                            next = chain[index + 1].as_str(),
+                            "packaging group full; trying the next overflow group"
+                        );
+                        continue;
+                    }
+                    return self.quota_end(outcome, group, refusals, &chain);
+                }
+                Outcome::Created { .. } => {
+                    self.quota_refusals.lock().expect("quota").remove(group);
+                }
+                _ => {}
+            }
+            return outcome;
+        }
+        unreachable!("a chain holds the group asked for")
+    }
+
+    /// CreateAsset of `attempt` (what `request` asks for, in one group of `chain`).
+    async fn create_in(
+        &self,
+        request: &AssetRequest,
+        attempt: &AssetRequest,
+        chain: &[PackagingGroupId],
+        turn: &Turn<'_>,
+    ) -> Outcome {
         let refused = match self
-            .limited(turn, false, || self.api.create_asset(request))
+            .limited(turn, false, || self.api.create_asset(attempt))
             .await
         {
-            Ok(arn) => return Outcome::Created { arn },
+            Ok(asset) => {
+                return Outcome::Created {
+                    assets: vec![Ready {
+                        request: request.clone(),
+                        asset: asset.or_request(attempt),
+                        found: false,
+                        envelope: String::new(),
+                    }],
+                }
+            }
             // Which code CreateAsset answers for an existing id is not documented: any refusal
             // a retry cannot fix, but 403 and 404 (an unknown packaging group), is checked.
             Err(Stop::Api(error))
@@ -799,10 +907,170 @@ impl<A: AssetApi> Ingestor<A> {
             .limited(turn, true, || self.api.describe_asset(&request.id))
             .await
         {
-            Ok(Some(existing)) => settle(request, &existing),
+            Ok(Some(existing)) => settle(request, existing, chain),
             Ok(None) => Outcome::Permanent(refused.into()),
             Err(stop) => stop.into_outcome(),
         }
+    }
+
+    /// The packaging groups an asset of `request` may go to, in order: the one it names, then,
+    /// for `PACKAGING_GROUP_ID`, the `OVERFLOW_PACKAGING_GROUP_IDS`.
+    fn chain(&self, request: &AssetRequest) -> Vec<PackagingGroupId> {
+        let mut chain = vec![request.packaging_group_id.clone()];
+        if self.config.packaging_group_id.as_ref() == Some(&request.packaging_group_id) {
+            chain.extend(self.config.overflow_groups.iter().cloned());
+        }
+        chain
+    }
+
+    /// Whether `group` was refused for its asset quota within the last
+    /// `QUOTA_REDELIVERY_SECONDS`, with no asset made in it since: the next group is tried
+    /// first.
+    fn known_full(&self, group: &PackagingGroupId) -> bool {
+        self.quota_refusals
+            .lock()
+            .expect("quota")
+            .get(group)
+            .is_some_and(|(_, at)| at.elapsed() < self.config.quota_redelivery)
+    }
+
+    /// Counts a quota refusal for `group`; returns the count since the last asset made in it.
+    fn note_quota_refusal(&self, group: &PackagingGroupId) -> u32 {
+        let mut refusals = self.quota_refusals.lock().expect("quota");
+        let entry = refusals.entry(group.clone()).or_insert((0, Instant::now()));
+        *entry = (entry.0 + 1, Instant::now());
+        entry.0
+    }
+
+    /// A message refused for the asset quota of `group`, the last of its `chain`: it comes
+    /// back after `QUOTA_REDELIVERY_SECONDS` until the group has been refused
+    /// `QUOTA_MAX_REFUSALS` times, then it goes to the dead-letter queue with the reason.
+    fn quota_end(
+        &self,
+        outcome: Outcome,
+        group: &PackagingGroupId,
+        refusals: u32,
+        chain: &[PackagingGroupId],
+    ) -> Outcome {
+        let max = self.config.quota_max_refusals;
+        let Outcome::Retry(last, _) = &outcome else {
+            return outcome;
+        };
+        if refusals < max {
+            return outcome;
+        }
+        let groups = if chain.len() > 1 {
+            format!(
+                " (so are the groups before it: {})",
+                chain[..chain.len() - 1]
+                    .iter()
+                    .map(PackagingGroupId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            String::new()
+        };
+        Outcome::Permanent(Failure {
+            code: "AssetQuotaExceeded".into(),
+            reason: format!(
+                "packaging group {group} is full{groups}: {refusals} CreateAsset calls refused for \
+                 its asset quota (QUOTA_MAX_REFUSALS {max}); raise the quota, delete assets or set \
+                 OVERFLOW_PACKAGING_GROUP_IDS, then redrive; last error {}: {}",
+                last.code, last.reason
+            ),
+            request_id: last.request_id.clone(),
+        })
+    }
+
+    /// Publishes an `Asset Created` event for every asset made or found, before `until`. A
+    /// message with an event not published is retried (its asset is found next time, and the
+    /// event sent then), and so, to keep their order, are the messages after it in its FIFO
+    /// group.
+    async fn publish(
+        &self,
+        records: &[SqsMessage],
+        mut outcomes: Vec<Outcome>,
+        until: Instant,
+    ) -> Vec<Outcome> {
+        let Some(bus) = &self.events else {
+            return outcomes;
+        };
+        let events: Vec<(usize, AssetEvent)> = outcomes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, outcome)| {
+                let message_id = records[index].message_id.as_deref().unwrap_or("");
+                outcome
+                    .assets()
+                    .iter()
+                    .map(move |ready| (index, asset_event(message_id, ready)))
+            })
+            .collect();
+        // Collected first so the futures have one concrete type, which keeps the batch future
+        // `Send`.
+        let calls: Vec<_> = events
+            .chunks(MAX_ENTRIES)
+            .map(|chunk| async move {
+                let batch: Vec<AssetEvent> = chunk.iter().map(|(_, e)| e.clone()).collect();
+                let results = match tokio::time::timeout_at(until, bus.put(&batch)).await {
+                    Ok(Ok(results)) => results,
+                    Ok(Err(error)) => vec![Err(error); batch.len()],
+                    Err(_) => vec![
+                        Err(PublishError {
+                            code: "DeadlineReached".into(),
+                            message: "PutEvents had not answered when the invocation's time for \
+                                  events ran out"
+                                .into(),
+                        });
+                        batch.len()
+                    ],
+                };
+                chunk
+                    .iter()
+                    .map(|(index, _)| *index)
+                    .zip(results)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let results: Vec<(usize, Result<(), PublishError>)> = futures::stream::iter(calls)
+            .buffer_unordered(MAX_ENTRIES)
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
+        let mut failed: BTreeMap<usize, PublishError> = BTreeMap::new();
+        for (index, result) in results {
+            if let Err(error) = result {
+                failed.entry(index).or_insert(error);
+            }
+        }
+        for (index, error) in failed {
+            let outcome = Outcome::Retry(
+                Failure::new(
+                    "EventNotPublished",
+                    format!(
+                        "the asset exists but its Asset Created event was not published ({error}); \
+                         retried so the event goes out when the asset is found"
+                    ),
+                ),
+                Redelivery::Backoff,
+            );
+            log_outcome(records[index].message_id.as_deref(), &outcome);
+            outcomes[index] = outcome;
+        }
+        for lane in lanes(records) {
+            let Some(first) = lane.iter().position(|&i| outcomes[i].must_redeliver()) else {
+                continue;
+            };
+            for &index in &lane[first + 1..] {
+                if !outcomes[index].assets().is_empty()
+                    || matches!(outcomes[index], Outcome::Skipped(_))
+                {
+                    outcomes[index] = kept_back(&records[index], &records[lane[first]]);
+                }
+            }
+        }
+        outcomes
     }
 
     /// Makes `call` through the rate limiter, up to `API_MAX_ATTEMPTS` times while it is
@@ -1023,11 +1291,29 @@ impl<A: AssetApi> Ingestor<A> {
     }
 }
 
-/// The outcome of a refused CreateAsset whose id exists: the asset as asked, or a conflict.
-fn settle(request: &AssetRequest, existing: &ExistingAsset) -> Outcome {
-    let differences = existing.differences(request);
+/// The outcome of a refused CreateAsset whose id exists: the asset as asked, or a conflict. The
+/// asset may be in any group of `chain`, the group asked for or one of its overflow groups.
+fn settle(request: &AssetRequest, existing: Asset, chain: &[PackagingGroupId]) -> Outcome {
+    let expected = match chain
+        .iter()
+        .find(|g| g.as_str() == existing.packaging_group_id)
+    {
+        Some(group) => AssetRequest {
+            packaging_group_id: group.clone(),
+            ..request.clone()
+        },
+        None => request.clone(),
+    };
+    let differences = existing.differences(&expected);
     if differences.is_empty() {
-        Outcome::AlreadyExists
+        Outcome::AlreadyExists {
+            assets: vec![Ready {
+                request: request.clone(),
+                asset: existing,
+                found: true,
+                envelope: String::new(),
+            }],
+        }
     } else {
         Outcome::Permanent(Failure::new(
             "AssetIdConflict",
@@ -1037,6 +1323,23 @@ fn settle(request: &AssetRequest, existing: &ExistingAsset) -> Outcome {
                 differences.join(", ")
             ),
         ))
+    }
+}
+
+/// The `Asset Created` event of `ready`, asked for by message `message_id`.
+fn asset_event(message_id: &str, ready: &Ready) -> AssetEvent {
+    AssetEvent {
+        asset_id: ready.request.id.to_string(),
+        arn: ready.asset.arn.clone(),
+        packaging_group_id: ready.asset.packaging_group_id.clone(),
+        requested_packaging_group_id: ready.request.packaging_group_id.to_string(),
+        source_arn: ready.asset.source_arn.clone(),
+        source_role_arn: ready.asset.source_role_arn.clone(),
+        resource_id: ready.request.resource_id.clone(),
+        egress_endpoints: ready.asset.egress_endpoints.clone(),
+        found: ready.found,
+        message_id: message_id.to_string(),
+        envelope: ready.envelope.clone(),
     }
 }
 
@@ -1083,10 +1386,23 @@ impl Calls {
 /// are then found existing), else permanent if any is, else done.
 fn combine(outcomes: Vec<Outcome>) -> Outcome {
     let first = |keep: fn(&Outcome) -> bool| outcomes.iter().find(|o| keep(o)).cloned();
-    first(|o| matches!(o, Outcome::Retry(..)))
+    if let Some(failed) = first(|o| matches!(o, Outcome::Retry(..)))
         .or_else(|| first(|o| matches!(o, Outcome::Permanent(_))))
-        .or_else(|| first(|o| matches!(o, Outcome::Created { .. })))
-        .unwrap_or(Outcome::AlreadyExists)
+    {
+        return failed;
+    }
+    let created = outcomes
+        .iter()
+        .any(|o| matches!(o, Outcome::Created { .. }));
+    let assets = outcomes
+        .iter()
+        .flat_map(|o| o.assets().iter().cloned())
+        .collect();
+    if created {
+        Outcome::Created { assets }
+    } else {
+        Outcome::AlreadyExists { assets }
+    }
 }
 
 /// The message group of a record from a FIFO queue. Standard queues may carry a
@@ -1158,8 +1474,21 @@ fn kept_back(record: &SqsMessage, failed: &SqsMessage) -> Outcome {
 
 fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
     match outcome {
-        Outcome::Created { arn } => tracing::info!(arn, message_id, "asset created"),
-        Outcome::AlreadyExists => tracing::info!(message_id, "asset already exists"),
+        Outcome::Created { assets } | Outcome::AlreadyExists { assets } => {
+            for ready in assets {
+                tracing::info!(
+                    arn = ready.asset.arn,
+                    packaging_group_id = ready.asset.packaging_group_id,
+                    message_id,
+                    "{}",
+                    if ready.found {
+                        "asset already exists"
+                    } else {
+                        "asset created"
+                    }
+                );
+            }
+        }
         Outcome::Skipped(reason) => tracing::info!(message_id, reason, "nothing to create"),
         Outcome::DeadLettered(f) => tracing::error!(
             code = f.code,
@@ -1195,7 +1524,18 @@ fn log_outcome(message_id: Option<&str>, outcome: &Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mediapackage::ExistingAsset;
+    use crate::mediapackage::Asset;
+
+    fn request(n: usize) -> AssetRequest {
+        AssetRequest {
+            id: AssetId::parse(&format!("a{n}")).unwrap(),
+            packaging_group_id: PackagingGroupId::parse("g").unwrap(),
+            source_arn: SourceArn::parse(&format!("arn:aws:s3:::media/{n}.m3u8")).unwrap(),
+            source_role_arn: RoleArn::parse("arn:aws:iam::123456789012:role/Read").unwrap(),
+            resource_id: None,
+            tags: BTreeMap::new(),
+        }
+    }
 
     fn record(id: Option<&str>) -> SqsMessage {
         let mut m = SqsMessage::default();
@@ -1226,8 +1566,8 @@ mod tests {
 
     #[test]
     fn only_retry_and_permanent_outcomes_are_redelivered() {
-        assert!(!Outcome::Created { arn: None }.must_redeliver());
-        assert!(!Outcome::AlreadyExists.must_redeliver());
+        assert!(!Outcome::Created { assets: vec![] }.must_redeliver());
+        assert!(!Outcome::AlreadyExists { assets: vec![] }.must_redeliver());
         assert!(retry().must_redeliver());
         assert!(Outcome::Permanent(Failure::new("InvalidMessage", "bad")).must_redeliver());
     }
@@ -1237,7 +1577,7 @@ mod tests {
         let records = [record(Some("a")), record(Some("b")), record(Some("c"))];
         let outcomes = [
             retry(),
-            Outcome::Created { arn: None },
+            Outcome::Created { assets: vec![] },
             Outcome::Permanent(Failure::new("ForbiddenException", "no")),
         ];
         let response = batch_response(&records, &outcomes).unwrap();
@@ -1254,14 +1594,19 @@ mod tests {
         let records = [record(Some("a")), record(Some(""))];
         let err = batch_response(&records, &[retry(), retry()]).unwrap_err();
         assert_eq!(err, MissingMessageId(1));
-        let ok = batch_response(&records, &[retry(), Outcome::AlreadyExists]).unwrap();
+        let ok = batch_response(
+            &records,
+            &[retry(), Outcome::AlreadyExists { assets: vec![] }],
+        )
+        .unwrap();
         assert_eq!(ok.batch_item_failures.len(), 1);
     }
 
     #[test]
     fn an_all_good_batch_has_an_empty_failure_list() {
         let records = [record(Some("a"))];
-        let response = batch_response(&records, &[Outcome::AlreadyExists]).unwrap();
+        let response =
+            batch_response(&records, &[Outcome::AlreadyExists { assets: vec![] }]).unwrap();
         assert!(response.batch_item_failures.is_empty());
         assert_eq!(
             serde_json::to_string(&response).unwrap(),
@@ -1322,12 +1667,34 @@ mod tests {
 
     #[test]
     fn several_assets_in_one_body_retry_together_if_any_must() {
-        let created = || Outcome::Created { arn: None };
+        let ready = |n: usize, found: bool| {
+            let request = request(n);
+            Ready {
+                asset: Asset::of(&request),
+                request,
+                found,
+                envelope: "s3-event".into(),
+            }
+        };
+        let created = || Outcome::Created {
+            assets: vec![ready(0, false)],
+        };
+        let found = |n| Outcome::AlreadyExists {
+            assets: vec![ready(n, true)],
+        };
         let permanent = || Outcome::Permanent(Failure::new("ForbiddenException", "no"));
-        assert_eq!(combine(vec![created(), Outcome::AlreadyExists]), created());
+        // Every asset of the body is kept, for its event.
         assert_eq!(
-            combine(vec![Outcome::AlreadyExists, Outcome::AlreadyExists]),
-            Outcome::AlreadyExists
+            combine(vec![created(), found(1)]),
+            Outcome::Created {
+                assets: vec![ready(0, false), ready(1, true)]
+            }
+        );
+        assert_eq!(
+            combine(vec![found(1), found(2)]),
+            Outcome::AlreadyExists {
+                assets: vec![ready(1, true), ready(2, true)]
+            }
         );
         assert_eq!(combine(vec![created(), permanent()]), permanent());
         assert_eq!(combine(vec![permanent(), retry(), created()]), retry());
@@ -1540,13 +1907,13 @@ mod tests {
 
     #[async_trait::async_trait]
     impl AssetApi for Instant0 {
-        async fn create_asset(&self, _: &AssetRequest) -> Result<Option<String>, ApiError> {
-            Ok(None)
+        async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+            Ok(Asset::of(request))
         }
         async fn describe_asset(
             &self,
             _: &AssetId,
-        ) -> Result<Option<crate::mediapackage::ExistingAsset>, ApiError> {
+        ) -> Result<Option<crate::mediapackage::Asset>, ApiError> {
             Ok(None)
         }
     }
@@ -1634,7 +2001,7 @@ mod tests {
     struct Fake {
         latency: Duration,
         refusal: ErrorKind,
-        assets: Mutex<HashMap<String, ExistingAsset>>,
+        assets: Mutex<HashMap<String, Asset>>,
         creates: std::sync::atomic::AtomicUsize,
         describes: std::sync::atomic::AtomicUsize,
     }
@@ -1660,17 +2027,17 @@ mod tests {
 
     #[async_trait::async_trait]
     impl AssetApi for Fake {
-        async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError> {
+        async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
             self.creates.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.latency).await;
             let mut assets = self.assets.lock().unwrap();
             if assets.contains_key(request.id.as_str()) {
                 return Err(ApiError::local(self.refusal, "Refused", "exists"));
             }
-            assets.insert(request.id.to_string(), ExistingAsset::of(request));
-            Ok(None)
+            assets.insert(request.id.to_string(), Asset::of(request));
+            Ok(Asset::of(request))
         }
-        async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+        async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
             self.describes.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.latency).await;
             Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
@@ -1714,11 +2081,14 @@ mod tests {
             .assets
             .lock()
             .unwrap()
-            .insert(request.id.to_string(), ExistingAsset::of(&request));
+            .insert(request.id.to_string(), Asset::of(&request));
         let outcomes = ingestor
             .process_batch(&records[..1], Instant::now() + Duration::from_secs(30))
             .await;
-        assert_eq!(outcomes, [Outcome::AlreadyExists]);
+        assert!(
+            matches!(&outcomes[..], [Outcome::AlreadyExists { assets }] if assets[0].found),
+            "{outcomes:?}"
+        );
         assert_eq!(ingestor.api.counts(), (1, 1));
     }
 
@@ -1752,7 +2122,10 @@ mod tests {
         let outcomes = ingestor
             .process_batch(&[s3_body(12, 1)], Instant::now() + Duration::from_secs(60))
             .await;
-        assert_eq!(outcomes, [Outcome::Created { arn: None }]);
+        assert!(
+            matches!(&outcomes[..], [Outcome::Created { assets }] if !assets[0].found),
+            "{outcomes:?}"
+        );
         assert_eq!(ingestor.api.assets.lock().unwrap().len(), 12);
     }
 
@@ -1770,12 +2143,17 @@ mod tests {
                 .assets
                 .lock()
                 .unwrap()
-                .insert(request.id.to_string(), ExistingAsset::of(request));
+                .insert(request.id.to_string(), Asset::of(request));
         }
         let outcomes = ingestor
             .process_batch(&[s3_body(12, 2)], Instant::now() + Duration::from_secs(60))
             .await;
-        assert_eq!(outcomes, [Outcome::Created { arn: None }]);
+        // Each object once, for its event: ten found, two made now.
+        let [Outcome::Created { assets }] = &outcomes[..] else {
+            panic!("{outcomes:?}");
+        };
+        assert_eq!(assets.len(), 12);
+        assert_eq!(assets.iter().filter(|r| r.found).count(), 10);
         // One DescribeAsset each, and CreateAsset only for the two missing.
         assert_eq!(ingestor.api.counts(), (2, 12));
     }
@@ -1917,14 +2295,371 @@ mod tests {
 
     #[async_trait::async_trait]
     impl AssetApi for NoApi {
-        async fn create_asset(&self, _: &AssetRequest) -> Result<Option<String>, ApiError> {
+        async fn create_asset(&self, _: &AssetRequest) -> Result<Asset, ApiError> {
             unreachable!("no call expected")
         }
         async fn describe_asset(
             &self,
             _: &AssetId,
-        ) -> Result<Option<crate::mediapackage::ExistingAsset>, ApiError> {
+        ) -> Result<Option<crate::mediapackage::Asset>, ApiError> {
             unreachable!("no call expected")
         }
+    }
+
+    /// MediaPackage VOD with a quota of assets per packaging group (raised by tests).
+    struct Groups {
+        quota: std::sync::atomic::AtomicUsize,
+        assets: Mutex<HashMap<String, Asset>>,
+        /// The packaging group of each CreateAsset call, in order.
+        creates: Mutex<Vec<String>>,
+    }
+
+    impl Groups {
+        fn new(quota: usize) -> Self {
+            Self {
+                quota: quota.into(),
+                assets: Mutex::default(),
+                creates: Mutex::default(),
+            }
+        }
+        fn in_group(&self, group: &str) -> usize {
+            let assets = self.assets.lock().unwrap();
+            assets
+                .values()
+                .filter(|a| a.packaging_group_id == group)
+                .count()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl AssetApi for Groups {
+        async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+            let group = request.packaging_group_id.as_str();
+            self.creates.lock().unwrap().push(group.to_string());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if self
+                .assets
+                .lock()
+                .unwrap()
+                .contains_key(request.id.as_str())
+            {
+                return Err(ApiError::local(
+                    ErrorKind::Unprocessable,
+                    "UnprocessableEntityException",
+                    "exists",
+                ));
+            }
+            if self.in_group(group) >= self.quota.load(Ordering::Relaxed) {
+                return Err(ApiError::from_response(
+                    Some(429),
+                    Some("TooManyRequestsException"),
+                    Some("Asset quota reached. Resource limit exceeded"),
+                ));
+            }
+            let asset = Asset {
+                arn: Some(format!("arn:aws:mediapackage-vod:::assets/{}", request.id)),
+                ..Asset::of(request)
+            };
+            let mut assets = self.assets.lock().unwrap();
+            assets.insert(request.id.to_string(), asset.clone());
+            Ok(asset)
+        }
+        async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
+            Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
+        }
+    }
+
+    fn quota_config(overflow: &[&str]) -> Config {
+        Config {
+            initial_rate: Some(1000.0),
+            burst: Duration::from_secs(1),
+            permit_wait: Duration::from_secs(5),
+            overflow_groups: overflow
+                .iter()
+                .map(|g| PackagingGroupId::parse(g).unwrap())
+                .collect(),
+            ..slow_config()
+        }
+    }
+
+    /// `n` messages for new sources, from `first` on.
+    fn sources(first: usize, n: usize) -> Vec<SqsMessage> {
+        (first..first + n)
+            .map(|i| {
+                let mut m = batch(1).remove(0);
+                m.message_id = Some(format!("m{i}"));
+                m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
+                m
+            })
+            .collect()
+    }
+
+    fn code(outcome: &Outcome) -> &str {
+        match outcome {
+            Outcome::Retry(f, _) | Outcome::Permanent(f) | Outcome::DeadLettered(f) => &f.code,
+            Outcome::Created { .. } => "Created",
+            Outcome::AlreadyExists { .. } => "AlreadyExists",
+            Outcome::Skipped(_) => "Skipped",
+        }
+    }
+
+    fn codes(outcomes: &[Outcome]) -> BTreeMap<&str, usize> {
+        let mut codes = BTreeMap::new();
+        for outcome in outcomes {
+            *codes.entry(code(outcome)).or_default() += 1;
+        }
+        codes
+    }
+
+    #[tokio::test]
+    async fn a_full_group_sends_messages_back_until_quota_max_refusals_then_dead_letters_them() {
+        let ingestor = Ingestor::new(Groups::new(0), quota_config(&[]));
+        let far = || Instant::now() + Duration::from_secs(30);
+        let outcomes = ingestor.process_batch(&sources(0, 10), far()).await;
+        // Two refusals come back after QUOTA_REDELIVERY_SECONDS; from the third on the group
+        // is taken as full and the messages go to the dead-letter queue with the reason.
+        let quota_retries = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Retry(_, Redelivery::Quota)))
+            .count();
+        assert_eq!(quota_retries, 2, "{outcomes:?}");
+        let full: Vec<&Failure> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Permanent(f) if f.code == "AssetQuotaExceeded" => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(full.len(), 8, "{outcomes:?}");
+        assert!(
+            full[0].reason.contains("packaging group g is full")
+                && full[0].reason.contains("QUOTA_MAX_REFUSALS 3")
+                && full[0].reason.contains("Resource limit exceeded"),
+            "{}",
+            full[0].reason
+        );
+        // Room again (quota raised): an asset made in the group clears its count, so a group
+        // full again later gets its QUOTA_MAX_REFUSALS again.
+        ingestor.api.quota.store(1, Ordering::Relaxed);
+        let made = ingestor.process_batch(&sources(10, 1), far()).await;
+        assert_eq!(codes(&made), BTreeMap::from([("Created", 1)]));
+        let again = ingestor.process_batch(&sources(11, 3), far()).await;
+        assert_eq!(
+            codes(&again),
+            BTreeMap::from([("AssetQuotaExceeded", 1), ("TooManyRequestsException", 2)])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_group_overflows_into_the_next_and_redeliveries_find_the_asset_there() {
+        let ingestor = Ingestor::new(Groups::new(3), quota_config(&["g2", "g3"]));
+        let far = || Instant::now() + Duration::from_secs(30);
+        let outcomes = ingestor.process_batch(&sources(0, 10), far()).await;
+        // Three assets per group; the tenth finds every group full and comes back later.
+        assert_eq!(
+            (
+                ingestor.api.in_group("g"),
+                ingestor.api.in_group("g2"),
+                ingestor.api.in_group("g3")
+            ),
+            (3, 3, 3)
+        );
+        assert_eq!(
+            codes(&outcomes),
+            BTreeMap::from([("Created", 9), ("TooManyRequestsException", 1)])
+        );
+        let landed: BTreeSet<&str> = outcomes
+            .iter()
+            .flat_map(|o| o.assets())
+            .map(|r| r.asset.packaging_group_id.as_str())
+            .collect();
+        assert_eq!(landed, BTreeSet::from(["g", "g2", "g3"]));
+        assert!(outcomes.iter().flat_map(|o| o.assets()).all(|r| r
+            .request
+            .packaging_group_id
+            .as_str()
+            == "g"));
+        // Known full, g and g2 are skipped: new messages try g3 alone.
+        ingestor.api.creates.lock().unwrap().clear();
+        let more = ingestor.process_batch(&sources(10, 3), far()).await;
+        assert_eq!(
+            *ingestor.api.creates.lock().unwrap(),
+            ["g3", "g3", "g3"],
+            "{more:?}"
+        );
+        assert_eq!(
+            codes(&more),
+            BTreeMap::from([("AssetQuotaExceeded", 2), ("TooManyRequestsException", 1)])
+        );
+        // A redelivered message whose asset landed in g2 finds it there: no conflict.
+        let in_g2 = outcomes
+            .iter()
+            .position(|o| {
+                o.assets()
+                    .iter()
+                    .any(|r| r.asset.packaging_group_id == "g2")
+            })
+            .unwrap();
+        let mut again = sources(in_g2, 1);
+        again[0]
+            .attributes
+            .insert("ApproximateReceiveCount".into(), "2".into());
+        let redelivered = ingestor.process_batch(&again, far()).await;
+        let [Outcome::AlreadyExists { assets }] = &redelivered[..] else {
+            panic!("{redelivered:?}");
+        };
+        assert_eq!(assets[0].asset.packaging_group_id, "g2");
+        assert!(assets[0].found);
+    }
+
+    /// An event bus that records each call and fails the entries of the given assets.
+    #[derive(Default)]
+    struct Bus {
+        calls: Mutex<Vec<Vec<AssetEvent>>>,
+        fail: BTreeSet<String>,
+        hang: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl EventBus for &'static Bus {
+        async fn put(
+            &self,
+            events: &[AssetEvent],
+        ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
+            self.calls.lock().unwrap().push(events.to_vec());
+            if self.hang {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Ok(events
+                .iter()
+                .map(|e| {
+                    if self.fail.contains(&e.asset_id) {
+                        Err(PublishError {
+                            code: "InternalFailure".into(),
+                            message: "try again".into(),
+                        })
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect())
+        }
+    }
+
+    fn leak(bus: Bus) -> &'static Bus {
+        Box::leak(Box::new(bus))
+    }
+
+    #[tokio::test]
+    async fn every_asset_gets_an_event_in_calls_of_ten_and_a_failed_entry_retries_its_message() {
+        let probe = Ingestor::new(Groups::new(100), quota_config(&[]));
+        let records = sources(0, 25);
+        let ids: Vec<String> = records
+            .iter()
+            .map(|r| {
+                parse_body(r.body.as_deref().unwrap(), &probe.defaults)
+                    .unwrap()
+                    .requests[0]
+                    .id
+                    .to_string()
+            })
+            .collect();
+        let bus = leak(Bus {
+            fail: BTreeSet::from([ids[7].clone()]),
+            ..Bus::default()
+        });
+        let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let response = ingestor.handle_batch(&records, deadline).await.unwrap();
+        let sizes: Vec<usize> = bus.calls.lock().unwrap().iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 25);
+        assert!(sizes.iter().all(|&n| n <= MAX_ENTRIES), "{sizes:?}");
+        assert_eq!(sizes.len(), 3);
+        // Only the message whose event failed is redelivered; its asset exists.
+        assert_eq!(
+            response
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.as_str())
+                .collect::<Vec<_>>(),
+            ["m7"]
+        );
+        let events: Vec<AssetEvent> = bus.calls.lock().unwrap().concat();
+        let first = events.iter().find(|e| e.message_id == "m0").unwrap();
+        assert_eq!(first.asset_id, ids[0]);
+        assert_eq!(first.packaging_group_id, "g");
+        assert_eq!(first.requested_packaging_group_id, "g");
+        assert_eq!(first.source_arn, "arn:aws:s3:::bucket/0.m3u8");
+        assert_eq!(first.envelope, "request");
+        assert!(!first.found && first.arn.is_some());
+        // Redelivered, the asset is found and its event goes out, marked as found.
+        bus.calls.lock().unwrap().clear();
+        let mut again = records[7..8].to_vec();
+        again[0]
+            .attributes
+            .insert("ApproximateReceiveCount".into(), "2".into());
+        let ok = Ingestor::new(Groups::new(100), quota_config(&[]));
+        ok.api
+            .assets
+            .lock()
+            .unwrap()
+            .extend(ingestor.api.assets.lock().unwrap().clone());
+        let bus2 = leak(Bus::default());
+        let ok = ok.with_events(bus2);
+        let response = ok.handle_batch(&again, deadline).await.unwrap();
+        assert!(response.batch_item_failures.is_empty());
+        let events = bus2.calls.lock().unwrap().concat();
+        assert_eq!(events.len(), 1);
+        assert!(events[0].found && events[0].message_id == "m7");
+    }
+
+    #[tokio::test]
+    async fn a_fifo_message_whose_event_failed_keeps_the_rest_of_its_group_back() {
+        let mut records = fifo_batch(1, 3);
+        let probe = Ingestor::new(Groups::new(100), quota_config(&[]));
+        let second = parse_body(records[1].body.as_deref().unwrap(), &probe.defaults)
+            .unwrap()
+            .requests[0]
+            .id
+            .to_string();
+        let bus = leak(Bus {
+            fail: BTreeSet::from([second]),
+            ..Bus::default()
+        });
+        let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+        records.iter_mut().for_each(|r| {
+            r.attributes
+                .insert("ApproximateReceiveCount".into(), "1".into());
+        });
+        let outcomes = ingestor
+            .process_batch(&records, Instant::now() + Duration::from_secs(30))
+            .await;
+        let outcomes = ingestor
+            .publish(&records, outcomes, Instant::now() + Duration::from_secs(5))
+            .await;
+        let codes: Vec<&str> = outcomes.iter().map(code).collect();
+        assert_eq!(
+            codes,
+            ["Created", "EventNotPublished", "EarlierMessageFailed"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bus_that_does_not_answer_cannot_hold_the_invocation_past_its_deadline() {
+        let bus = leak(Bus {
+            hang: true,
+            ..Bus::default()
+        });
+        let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(3);
+        let response = ingestor
+            .handle_batch(&sources(0, 5), deadline)
+            .await
+            .unwrap();
+        assert!(Instant::now() <= deadline, "{:?}", Instant::now() - start);
+        // Made, but not announced: all five come back, to be found and announced.
+        assert_eq!(response.batch_item_failures.len(), 5);
+        assert_eq!(ingestor.api.in_group("g"), 5);
     }
 }

@@ -2,6 +2,7 @@
 
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use mpvod_ingest::config::Config;
+use mpvod_ingest::events::SdkEventBus;
 use mpvod_ingest::ingest::Ingestor;
 use mpvod_ingest::mediapackage::SdkAssetApi;
 use mpvod_ingest::sqs::SdkQueueApi;
@@ -14,11 +15,16 @@ async fn main() -> Result<(), Error> {
     for warning in config.warnings() {
         tracing::warn!(warning, "configuration");
     }
-    let mediapackage = mpvod_ingest::mediapackage_client(&config).await;
-    let sqs = mpvod_ingest::sqs_client().await;
-    let queue =
-        SdkQueueApi::new(sqs).with_dead_letter_queue_url(config.dead_letter_queue_url.clone());
-    let ingestor = Ingestor::new(SdkAssetApi::new(mediapackage), config).with_queue(queue);
+    let shared = mpvod_ingest::sdk_config().await;
+    let mediapackage = mpvod_ingest::mediapackage_client(&shared, &config);
+    let queue = SdkQueueApi::new(mpvod_ingest::sqs_client(&shared))
+        .with_dead_letter_queue_url(config.dead_letter_queue_url.clone());
+    let bus = config.event_bus.clone();
+    let mut ingestor = Ingestor::new(SdkAssetApi::new(mediapackage), config).with_queue(queue);
+    if let Some(bus) = bus {
+        let client = mpvod_ingest::eventbridge_client(&shared);
+        ingestor = ingestor.with_events(SdkEventBus::new(client, bus));
+    }
     let ingestor = &ingestor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {
         ingestor.handle(event).await

@@ -153,9 +153,24 @@ where
     }
 }
 
-/// What DescribeAsset tells about an existing asset.
+/// One playback endpoint of an asset: one per packaging configuration of its packaging group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressEndpoint {
+    /// The packaging configuration the endpoint plays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packaging_configuration_id: Option<String>,
+    /// `QUEUED`, `PROCESSING`, `PLAYABLE` or `FAILED`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The playback URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// An asset as CreateAsset or DescribeAsset returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExistingAsset {
+pub struct Asset {
     /// The source the asset was made from.
     pub source_arn: String,
     /// The packaging group it belongs to.
@@ -164,9 +179,11 @@ pub struct ExistingAsset {
     pub source_role_arn: String,
     /// The asset's ARN.
     pub arn: Option<String>,
+    /// Where it plays.
+    pub egress_endpoints: Vec<EgressEndpoint>,
 }
 
-impl ExistingAsset {
+impl Asset {
     /// The asset as `request` would make it.
     pub fn of(request: &AssetRequest) -> Self {
         Self {
@@ -174,6 +191,25 @@ impl ExistingAsset {
             packaging_group_id: request.packaging_group_id.to_string(),
             source_role_arn: request.source_role_arn.to_string(),
             arn: None,
+            egress_endpoints: Vec::new(),
+        }
+    }
+
+    /// This asset, with what the API left out (as a stand-in may) taken from `request`, the
+    /// request that made it.
+    pub fn or_request(self, request: &AssetRequest) -> Self {
+        let or = |value: String, asked: &str| {
+            if value.is_empty() {
+                asked.to_string()
+            } else {
+                value
+            }
+        };
+        Self {
+            source_arn: or(self.source_arn, request.source_arn.as_str()),
+            packaging_group_id: or(self.packaging_group_id, request.packaging_group_id.as_str()),
+            source_role_arn: or(self.source_role_arn, request.source_role_arn.as_str()),
+            ..self
         }
     }
 
@@ -203,11 +239,11 @@ impl ExistingAsset {
 /// The MediaPackage VOD calls ingestion makes.
 #[async_trait]
 pub trait AssetApi: Send + Sync {
-    /// CreateAsset. Returns the new asset's ARN.
-    async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError>;
+    /// CreateAsset. Returns the new asset.
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError>;
 
     /// DescribeAsset. `Ok(None)` when the asset does not exist.
-    async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError>;
+    async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError>;
 }
 
 /// [`AssetApi`] over the AWS SDK client.
@@ -225,7 +261,7 @@ impl SdkAssetApi {
 
 #[async_trait]
 impl AssetApi for SdkAssetApi {
-    async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError> {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
         let tags = (!request.tags.is_empty()).then(|| {
             request
                 .tags
@@ -244,16 +280,23 @@ impl AssetApi for SdkAssetApi {
             .set_tags(tags)
             .send()
             .await?;
-        Ok(output.arn().map(str::to_string))
+        Ok(Asset {
+            source_arn: output.source_arn().unwrap_or_default().to_string(),
+            packaging_group_id: output.packaging_group_id().unwrap_or_default().to_string(),
+            source_role_arn: output.source_role_arn().unwrap_or_default().to_string(),
+            arn: output.arn().map(str::to_string),
+            egress_endpoints: endpoints(output.egress_endpoints()),
+        })
     }
 
-    async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+    async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
         match self.client.describe_asset().id(id.as_str()).send().await {
-            Ok(output) => Ok(Some(ExistingAsset {
+            Ok(output) => Ok(Some(Asset {
                 source_arn: output.source_arn().unwrap_or_default().to_string(),
                 packaging_group_id: output.packaging_group_id().unwrap_or_default().to_string(),
                 source_role_arn: output.source_role_arn().unwrap_or_default().to_string(),
                 arn: output.arn().map(str::to_string),
+                egress_endpoints: endpoints(output.egress_endpoints()),
             })),
             Err(err) => {
                 let error = ApiError::from(err);
@@ -265,6 +308,16 @@ impl AssetApi for SdkAssetApi {
             }
         }
     }
+}
+
+fn endpoints(sdk: &[aws_sdk_mediapackagevod::types::EgressEndpoint]) -> Vec<EgressEndpoint> {
+    sdk.iter()
+        .map(|e| EgressEndpoint {
+            packaging_configuration_id: e.packaging_configuration_id().map(str::to_string),
+            status: e.status().map(str::to_string),
+            url: e.url().map(str::to_string),
+        })
+        .collect()
 }
 
 /// The SDK's retry and timeout settings for MediaPackage VOD, set explicitly rather than left to

@@ -365,6 +365,42 @@ impl Emulator {
     }
 }
 
+/// The packaging configurations every emulated packaging group plays its assets with: one
+/// egress endpoint each.
+pub const PACKAGING_CONFIGURATIONS: [(&str, &str); 2] =
+    [("hls", "index.m3u8"), ("dash", "index.mpd")];
+
+/// A stable hex digest for the emulated URLs (FNV-1a).
+fn digest(parts: &[&str]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.join("/").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The egress endpoints of asset `id` in `group`, one per packaging configuration, as the API
+/// lists them: `QUEUED` when CreateAsset answers, `PLAYABLE` once DescribeAsset is asked.
+fn egress_endpoints(group: &PackagingGroup, id: &str, status: &str) -> Vec<Value> {
+    PACKAGING_CONFIGURATIONS
+        .iter()
+        .map(|(config, manifest)| {
+            json!({
+                "packagingConfigurationId": config,
+                "status": status,
+                "url": format!(
+                    "{}/out/v1/{}/{}/{}/{manifest}",
+                    group.domain_name,
+                    digest(&[id]),
+                    digest(&[&group.id, config]),
+                    digest(&[&group.id, config, id]),
+                ),
+            })
+        })
+        .collect()
+}
+
 fn packaging_group(id: &str, tags: Option<BTreeMap<String, String>>) -> PackagingGroup {
     PackagingGroup {
         arn: format!("arn:aws:mediapackage-vod:{REGION}:{ACCOUNT}:packaging-groups/{id}"),
@@ -595,11 +631,12 @@ async fn create_asset(State(emulator): Shared, body: Bytes) -> Reply {
             )));
         }
         let mut store = emulator.store.lock().expect("store lock");
-        if !store.groups.contains_key(&group_id) {
+        let Some(group) = store.groups.get(&group_id) else {
             return Err(ApiError::NotFound(format!(
                 "PackagingGroup {group_id} does not exist."
             )));
-        }
+        };
+        let egress = egress_endpoints(group, &id, "QUEUED");
         if store.assets.contains_key(&id) {
             return Err(ApiError::UnprocessableEntity(format!(
                 "Asset {id} already exists."
@@ -621,7 +658,7 @@ async fn create_asset(State(emulator): Shared, body: Bytes) -> Reply {
         let asset = Asset {
             arn: format!("arn:aws:mediapackage-vod:{REGION}:{ACCOUNT}:assets/{id}"),
             created_at: now_iso8601(),
-            egress_endpoints: Vec::new(),
+            egress_endpoints: egress,
             id: id.clone(),
             packaging_group_id: group_id,
             resource_id: body.resource_id,
@@ -641,7 +678,13 @@ async fn describe_asset(State(emulator): Shared, Path(id): Path<String>) -> Repl
     call(&emulator, |emulator| {
         let store = emulator.store.lock().expect("store lock");
         match store.assets.get(&id) {
-            Some(asset) => Ok((StatusCode::OK, Some(json!(asset)))),
+            Some(asset) => {
+                let mut asset = asset.clone();
+                if let Some(group) = store.groups.get(&asset.packaging_group_id) {
+                    asset.egress_endpoints = egress_endpoints(group, &id, "PLAYABLE");
+                }
+                Ok((StatusCode::OK, Some(json!(asset))))
+            }
             None => Err(ApiError::NotFound(format!("Asset {id} does not exist."))),
         }
     })

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use aws_lambda_events::event::sqs::SqsMessage;
 use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::{batch_response, Ingestor, Outcome};
-use mpvod_ingest::mediapackage::{ApiError, AssetApi, ExistingAsset};
+use mpvod_ingest::mediapackage::{ApiError, Asset, AssetApi};
 use mpvod_ingest::message::{AssetId, AssetRequest, SourceArn};
 use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
 
@@ -19,13 +19,13 @@ use crate::common::{event, far_deadline, ids, reported, test_config, ROLE};
 /// MediaPackage VOD as a map, recording every CreateAsset in call order.
 #[derive(Default)]
 struct Recorder {
-    assets: Mutex<BTreeMap<String, ExistingAsset>>,
+    assets: Mutex<BTreeMap<String, Asset>>,
     calls: Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl AssetApi for Recorder {
-    async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError> {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
         self.calls.lock().unwrap().push(request.id.to_string());
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut assets = self.assets.lock().unwrap();
@@ -36,14 +36,17 @@ impl AssetApi for Recorder {
                 "asset exists",
             ));
         }
-        assets.insert(request.id.to_string(), ExistingAsset::of(request));
-        Ok(Some(format!(
-            "arn:aws:mediapackage-vod:us-east-1:123456789012:assets/{}",
-            request.id
-        )))
+        assets.insert(request.id.to_string(), Asset::of(request));
+        Ok(Asset {
+            arn: Some(format!(
+                "arn:aws:mediapackage-vod:us-east-1:123456789012:assets/{}",
+                request.id
+            )),
+            ..Asset::of(request)
+        })
     }
 
-    async fn describe_asset(&self, id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+    async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
         Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
     }
 }

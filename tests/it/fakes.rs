@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::{batch_response, Ingestor, Outcome};
-use mpvod_ingest::mediapackage::{ApiError, AssetApi, ExistingAsset};
+use mpvod_ingest::mediapackage::{ApiError, Asset, AssetApi};
 use mpvod_ingest::message::{AssetId, AssetRequest};
 
 use crate::common::{event, far_deadline, ids, reported, test_config};
@@ -20,7 +20,7 @@ struct Fake {
 
 #[async_trait]
 impl AssetApi for Fake {
-    async fn create_asset(&self, request: &AssetRequest) -> Result<Option<String>, ApiError> {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if request.id.as_str() == "show-s01e03" {
             panic!("bug while creating {}", request.id);
@@ -29,10 +29,10 @@ impl AssetApi for Fake {
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        Ok(None)
+        Ok(Asset::of(request))
     }
 
-    async fn describe_asset(&self, _id: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+    async fn describe_asset(&self, _id: &AssetId) -> Result<Option<Asset>, ApiError> {
         Ok(None)
     }
 }

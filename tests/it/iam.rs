@@ -14,6 +14,8 @@
 //!   GetQueueAttributes, GetQueueUrl, SendMessage: `queue`)
 //! - <https://docs.aws.amazon.com/service-authorization/latest/reference/list_awsidentityandaccessmanagementiam.html>
 //!   (PassRole: `role`)
+//! - <https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazoneventbridge.html>
+//!   (PutEvents: `event-bus`)
 
 use std::path::PathBuf;
 
@@ -68,6 +70,13 @@ const OPERATIONS: &[(&str, &[(&str, Needs)])] = &[
     (
         "send_message",
         &[("sqs:SendMessage", Needs::Template("DeadLetterQueue"))],
+    ),
+    (
+        "put_events",
+        &[(
+            "events:PutEvents",
+            Needs::Arn("arn:aws:events:us-east-1:123456789012:event-bus/pipeline"),
+        )],
     ),
 ];
 
@@ -128,7 +137,8 @@ fn covers(resource: &Value, needs: Needs) -> bool {
             let text = text
                 .replace("${AWS::Partition}", "aws")
                 .replace("${AWS::Region}", "us-east-1")
-                .replace("${AWS::AccountId}", "123456789012");
+                .replace("${AWS::AccountId}", "123456789012")
+                .replace("${EventBusName}", "pipeline");
             glob(&text, arn)
         }
         (Value::Tagged(tagged), Needs::Template(name)) if tagged.tag == "!GetAtt" => {
@@ -141,6 +151,15 @@ fn covers(resource: &Value, needs: Needs) -> bool {
     }
 }
 
+/// A statement behind a condition (`!If [condition, statement, !Ref AWS::NoValue]`) is the
+/// statement in force when the condition holds.
+fn when_in_force(statement: &Value) -> Value {
+    match statement {
+        Value::Tagged(tagged) if tagged.tag == "!If" => tagged.value[1].clone(),
+        other => other.clone(),
+    }
+}
+
 /// The function's policy statements.
 fn statements() -> Vec<Value> {
     let text = std::fs::read_to_string(root().join("template.yaml")).unwrap();
@@ -149,6 +168,7 @@ fn statements() -> Vec<Value> {
     strings(policies)
         .iter()
         .flat_map(|policy| strings(&policy["Statement"]))
+        .map(|statement| when_in_force(&statement))
         .collect()
 }
 

@@ -9,7 +9,7 @@ use aws_lambda_events::event::sqs::SqsMessage;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::Ingestor;
-use mpvod_ingest::mediapackage::{ApiError, AssetApi, ExistingAsset};
+use mpvod_ingest::mediapackage::{ApiError, Asset, AssetApi};
 use mpvod_ingest::message::{AssetId, AssetRequest};
 use mpvod_ingest::sqs::{QueueApi, SdkQueueApi, VisibilityChange};
 use tokio::process::{Child, Command};
@@ -246,7 +246,7 @@ struct QuotaExhausted;
 
 #[async_trait]
 impl AssetApi for QuotaExhausted {
-    async fn create_asset(&self, _: &AssetRequest) -> Result<Option<String>, ApiError> {
+    async fn create_asset(&self, _: &AssetRequest) -> Result<Asset, ApiError> {
         Err(ApiError::from_response(
             Some(429),
             Some("TooManyRequestsException"),
@@ -254,7 +254,7 @@ impl AssetApi for QuotaExhausted {
         ))
     }
 
-    async fn describe_asset(&self, _: &AssetId) -> Result<Option<ExistingAsset>, ApiError> {
+    async fn describe_asset(&self, _: &AssetId) -> Result<Option<Asset>, ApiError> {
         unreachable!("not called for a quota refusal")
     }
 }
