@@ -241,3 +241,41 @@ async fn an_invalid_setting_fails_the_cold_start_naming_the_variable() {
     );
     assert!(all.contains("MAX_CONCURRENCY"), "{all}");
 }
+
+#[tokio::test]
+async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names() {
+    let moto = crate::sqs::Moto::start().await;
+    let announced_url = crate::events::announced_queue(&moto, "pipeline").await;
+    let emulator = EmulatorConfig::default()
+        .with_packaging_group("vod-group")
+        .spawn()
+        .await
+        .unwrap();
+    let single =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/single.json"))
+            .unwrap();
+    let (addr, mut replies, _server) = runtime_api(vec![("inv-1".into(), single)]).await;
+    let _child = bootstrap(
+        &addr,
+        &emulator.url(),
+        &[
+            ("EVENT_BUS_NAME", "pipeline"),
+            ("AWS_ENDPOINT_URL_EVENTBRIDGE", moto.url()),
+        ],
+    );
+    let (_, reply) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
+        .await
+        .expect("the function answers in time")
+        .expect("a reply");
+    assert!(
+        matches!(reply, Reply::Response(ref b) if b["batchItemFailures"] == serde_json::json!([])),
+        "{reply:?}"
+    );
+    let events = crate::events::announced(&moto, &announced_url).await;
+    let announced = &events["show-s01e01"];
+    assert_eq!(announced["detail"]["found"], false);
+    assert_eq!(
+        announced["detail"]["messageId"],
+        ids(&event("single.json").records)[0].as_str()
+    );
+}

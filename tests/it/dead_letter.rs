@@ -17,7 +17,7 @@ use crate::common::{event, far_deadline, reported, sdk_client, test_config, ROLE
 use crate::sqs::{lambda_record, Moto};
 
 /// Creates `name` (FIFO if it ends in `.fifo`) with extra attributes; returns URL and ARN.
-async fn create_queue(
+pub(crate) async fn create_queue(
     client: &aws_sdk_sqs::Client,
     name: &str,
     attributes: &[(QueueAttributeName, String)],
@@ -45,7 +45,7 @@ async fn create_queue(
 
 /// A source queue `name` whose redrive policy targets a new dead-letter queue; returns the
 /// source queue's URL and ARN and the dead-letter queue's URL.
-async fn queue_with_dead_letter_queue(
+pub(crate) async fn queue_with_dead_letter_queue(
     client: &aws_sdk_sqs::Client,
     name: &str,
 ) -> (String, String, String) {
@@ -61,7 +61,7 @@ async fn queue_with_dead_letter_queue(
 }
 
 /// Sends the bodies (with their FIFO group, if any) and receives them as Lambda records.
-async fn send_and_receive(
+pub(crate) async fn send_and_receive(
     client: &aws_sdk_sqs::Client,
     url: &str,
     arn: &str,
@@ -95,7 +95,10 @@ async fn send_and_receive(
 }
 
 /// Everything in a queue now, with message and system attributes.
-async fn drain(client: &aws_sdk_sqs::Client, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
+pub(crate) async fn drain(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+) -> Vec<aws_sdk_sqs::types::Message> {
     let mut all = Vec::new();
     loop {
         let batch = client
@@ -118,11 +121,25 @@ async fn drain(client: &aws_sdk_sqs::Client, url: &str) -> Vec<aws_sdk_sqs::type
 
 /// The function as `make invoke` configures it, over the emulator and moto.
 fn ingestor(emulator: &RunningEmulator, sqs: aws_sdk_sqs::Client) -> Ingestor<SdkAssetApi> {
-    let config = Config::from_lookup(|name| match name {
-        "PACKAGING_GROUP_ID" => Some("vod-group".into()),
-        "SOURCE_ROLE_ARN" => Some(ROLE.into()),
-        "ALLOWED_SOURCE_BUCKETS" => Some("media-masters".into()),
-        _ => None,
+    ingestor_with(emulator, sqs, &[])
+}
+
+/// The function as `make invoke` configures it with the environment variables `vars` on top.
+pub(crate) fn ingestor_with(
+    emulator: &RunningEmulator,
+    sqs: aws_sdk_sqs::Client,
+    vars: &[(&str, &str)],
+) -> Ingestor<SdkAssetApi> {
+    let config = Config::from_lookup(|name| {
+        if let Some((_, value)) = vars.iter().find(|(var, _)| *var == name) {
+            return Some(value.to_string());
+        }
+        match name {
+            "PACKAGING_GROUP_ID" => Some("vod-group".into()),
+            "SOURCE_ROLE_ARN" => Some(ROLE.into()),
+            "ALLOWED_SOURCE_BUCKETS" => Some("media-masters".into()),
+            _ => None,
+        }
     })
     .unwrap();
     let config = Config {
@@ -134,7 +151,7 @@ fn ingestor(emulator: &RunningEmulator, sqs: aws_sdk_sqs::Client) -> Ingestor<Sd
     Ingestor::new(api, config).with_queue(SdkQueueApi::new(sqs))
 }
 
-async fn emulator() -> RunningEmulator {
+pub(crate) async fn emulator() -> RunningEmulator {
     EmulatorConfig::default()
         .with_packaging_group("vod-group")
         .spawn()
@@ -143,7 +160,7 @@ async fn emulator() -> RunningEmulator {
 }
 
 /// The bodies of a sample event, with their FIFO message group if they have one.
-fn sample(name: &str) -> Vec<(String, Option<String>)> {
+pub(crate) fn sample(name: &str) -> Vec<(String, Option<String>)> {
     event(name)
         .records
         .into_iter()

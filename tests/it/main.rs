@@ -5,6 +5,7 @@ mod common;
 mod dead_letter;
 mod emulator;
 mod envelopes;
+mod events;
 mod fakes;
 mod iam;
 mod mocks;

@@ -60,6 +60,22 @@ impl Moto {
         }
     }
 
+    /// The server's endpoint.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// An EventBridge client on the same moto server.
+    pub fn eventbridge(&self) -> aws_sdk_eventbridge::Client {
+        let conf = aws_sdk_eventbridge::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&self.url)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build();
+        aws_sdk_eventbridge::Client::from_conf(conf)
+    }
+
     pub fn client(&self) -> aws_sdk_sqs::Client {
         let conf = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
