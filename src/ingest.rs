@@ -28,6 +28,7 @@ use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{
     AssetId, AssetRequest, Defaults, InvalidMessage, PackagingGroupId, Refused, RoleArn, SourceArn,
 };
+use crate::metrics::{BatchMetrics, CallCounts, Emf};
 pub use crate::redelivery::Redelivery;
 use crate::redelivery::{
     can_delay, deadline_margin, fits_an_attempt, slot_wait, Budget, Delays, Need, Reach,
@@ -308,6 +309,8 @@ pub struct Ingestor<A> {
     receive_limits: Mutex<HashMap<String, (Option<u32>, Instant)>>,
     warned_short_timeout: AtomicBool,
     events: Option<Box<dyn EventBus>>,
+    counts: CallCounts,
+    emf: Option<Emf>,
     /// Per packaging group: CreateAsset calls refused for the asset quota since the last asset
     /// made in it, and when the last one was.
     quota_refusals: Mutex<HashMap<PackagingGroupId, (u32, Instant)>>,
@@ -342,6 +345,8 @@ impl<A: AssetApi> Ingestor<A> {
             receive_limits: Mutex::default(),
             warned_short_timeout: AtomicBool::new(false),
             events: None,
+            counts: CallCounts::default(),
+            emf: None,
             quota_refusals: Mutex::default(),
         }
     }
@@ -358,6 +363,12 @@ impl<A: AssetApi> Ingestor<A> {
     /// queue's own visibility timeout.
     pub fn with_queue(mut self, queue: impl QueueApi + 'static) -> Self {
         self.queue = Some(Box::new(queue));
+        self
+    }
+
+    /// Writes one EMF metrics document per invocation handled by [`Ingestor::handle`].
+    pub fn with_metrics(mut self, emf: Emf) -> Self {
+        self.emf = Some(emf);
         self
     }
 
@@ -390,7 +401,11 @@ impl<A: AssetApi> Ingestor<A> {
                 .as_millis() as u64,
             "batch received"
         );
-        Ok(self.handle_batch(&event.payload.records, deadline).await?)
+        let (response, metrics) = self.run_batch(&event.payload.records, deadline).await;
+        if let Some(emf) = &self.emf {
+            emf.flush(&event.context.request_id, &metrics);
+        }
+        Ok(response?)
     }
 
     /// Processes `records`, dead-letters those out of deliveries, delays the redelivery of
@@ -401,6 +416,16 @@ impl<A: AssetApi> Ingestor<A> {
         records: &[SqsMessage],
         deadline: Instant,
     ) -> Result<SqsBatchResponse, MissingMessageId> {
+        self.run_batch(records, deadline).await.0
+    }
+
+    /// [`Ingestor::handle_batch`], with the invocation's figures.
+    pub async fn run_batch(
+        &self,
+        records: &[SqsMessage],
+        deadline: Instant,
+    ) -> (Result<SqsBatchResponse, MissingMessageId>, BatchMetrics) {
+        let started = Instant::now();
         let report = deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline);
         let outcomes = self.process_batch(records, deadline).await;
         // Events take at most half of what is left, so dead letters and delays keep the rest.
@@ -408,15 +433,27 @@ impl<A: AssetApi> Ingestor<A> {
         let events_until = now + report.saturating_duration_since(now) / 2;
         let outcomes = self.publish(records, outcomes, events_until).await;
         let outcomes = self.retire_exhausted(records, outcomes, report).await;
-        let response = batch_response(records, &outcomes)?;
-        self.delay_redeliveries(records, &outcomes, report).await;
+        let response = batch_response(records, &outcomes);
+        if response.is_ok() {
+            self.delay_redeliveries(records, &outcomes, report).await;
+        }
+        let metrics = BatchMetrics::of(
+            records,
+            &outcomes,
+            &self.counts,
+            self.limiter.stats().rate,
+            started.elapsed(),
+        );
         tracing::info!(
             messages = records.len(),
-            redeliver = response.batch_item_failures.len(),
-            rate = self.limiter.stats().rate,
+            redeliver = metrics.handed_back,
+            created = metrics.created,
+            found = metrics.found,
+            dead_lettered = metrics.dead_lettered.values().sum::<u64>(),
+            rate = metrics.rate,
             "batch done"
         );
-        Ok(response)
+        (response, metrics)
     }
 
     /// The bounds of an invocation that must be done by `deadline`, with a margin that scales
@@ -851,6 +888,7 @@ impl<A: AssetApi> Ingestor<A> {
             let outcome = self.create_in(request, &attempt, &chain, turn).await;
             match &outcome {
                 Outcome::Retry(_, Redelivery::Quota) => {
+                    CallCounts::add(&self.counts.quota_refusals, 1);
                     let refusals = self.note_quota_refusal(group);
                     if !last {
                         tracing::warn!(
@@ -1040,8 +1078,12 @@ impl<A: AssetApi> Ingestor<A> {
             .await;
         let mut failed: BTreeMap<usize, PublishError> = BTreeMap::new();
         for (index, result) in results {
-            if let Err(error) = result {
-                failed.entry(index).or_insert(error);
+            match result {
+                Ok(()) => CallCounts::add(&self.counts.events_published, 1),
+                Err(error) => {
+                    CallCounts::add(&self.counts.events_failed, 1);
+                    failed.entry(index).or_insert(error);
+                }
             }
         }
         for (index, error) in failed {
@@ -1086,6 +1128,9 @@ impl<A: AssetApi> Ingestor<A> {
             if Instant::now() > turn.last_start {
                 return Err(Stop::Deadline { last });
             }
+            if attempt > 0 {
+                CallCounts::add(&self.counts.retried, 1);
+            }
             let latest = self.latest(turn, follow_up || attempt > 0).await;
             let permit = match self.limiter.acquire(latest, turn.horizon).await {
                 Ok(permit) => permit,
@@ -1105,6 +1150,7 @@ impl<A: AssetApi> Ingestor<A> {
                 }
                 Err(error) => match error.kind {
                     ErrorKind::Throttled => {
+                        CallCounts::add(&self.counts.throttled, 1);
                         self.limiter.on_throttle(&permit);
                         last = Some(error);
                     }

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod limiter;
 pub mod mediapackage;
 pub mod message;
+pub mod metrics;
 pub mod redelivery;
 pub mod sqs;
 

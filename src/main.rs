@@ -5,6 +5,7 @@ use mpvod_ingest::config::Config;
 use mpvod_ingest::events::SdkEventBus;
 use mpvod_ingest::ingest::Ingestor;
 use mpvod_ingest::mediapackage::SdkAssetApi;
+use mpvod_ingest::metrics::Emf;
 use mpvod_ingest::sqs::SdkQueueApi;
 
 #[tokio::main]
@@ -21,6 +22,14 @@ async fn main() -> Result<(), Error> {
         .with_dead_letter_queue_url(config.dead_letter_queue_url.clone());
     let bus = config.event_bus.clone();
     let mut ingestor = Ingestor::new(SdkAssetApi::new(mediapackage), config).with_queue(queue);
+    let (namespace, service) = mpvod_ingest::metrics::names(|var| std::env::var(var).ok());
+    match Emf::install(&namespace, &service) {
+        Ok(emf) => ingestor = ingestor.with_metrics(emf),
+        Err(error) => tracing::warn!(
+            error,
+            "metrics disabled: the recorder could not be installed"
+        ),
+    }
     if let Some(bus) = bus {
         let client = mpvod_ingest::eventbridge_client(&shared);
         ingestor = ingestor.with_events(SdkEventBus::new(client, bus));

@@ -223,6 +223,56 @@ async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event()
                 .is_some_and(|w| w.contains("ALLOWED_SOURCE_BUCKETS"))),
         "no bucket list is warned about at cold start: {logs}"
     );
+
+    // One metrics document per invocation, with the batch's figures.
+    let documents = emf_documents(&json_lines);
+    assert_eq!(documents.len(), 2, "{logs}");
+    let (first, second) = (&documents[0], &documents[1]);
+    assert_eq!(first["RequestId"], "inv-1");
+    assert_eq!(first["BatchSize"], 5.0);
+    assert_eq!(first["AssetsCreated"], 2);
+    // No dead-letter queue here: the three bad messages are handed back to SQS.
+    assert_eq!(first["HandedBack"], 3);
+    assert_eq!(first["DeadLettered"], 0);
+    assert_eq!(first["HighestReceiveCount"], 1.0);
+    assert_eq!(second["RequestId"], "inv-2");
+    assert_eq!(second["BatchSize"], 10.0);
+    assert_eq!(second["AssetsCreated"], 10);
+    assert_eq!(second["HandedBack"], 0);
+    assert_eq!(second["ThrottledCalls"], 0);
+    let directive = &first["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "MediaPackageVodIngest");
+    assert_eq!(directive["Dimensions"], serde_json::json!([["Service"]]));
+    assert_eq!(first["Service"], "mediapackage-vod-ingest");
+}
+
+/// The log lines that are CloudWatch Embedded Metric Format documents, each checked against
+/// the specification's required shape: a `_aws` member with a millisecond `Timestamp` and
+/// `CloudWatchMetrics` directives whose every metric and dimension has a value at the root.
+fn emf_documents(lines: &[Value]) -> Vec<Value> {
+    let documents: Vec<Value> = lines
+        .iter()
+        .filter(|l| l.get("_aws").is_some())
+        .cloned()
+        .collect();
+    for document in &documents {
+        let aws = &document["_aws"];
+        assert!(aws["Timestamp"].as_u64().is_some(), "{document}");
+        for directive in aws["CloudWatchMetrics"].as_array().unwrap() {
+            assert!(directive["Namespace"].as_str().is_some(), "{document}");
+            for set in directive["Dimensions"].as_array().unwrap() {
+                for dimension in set.as_array().unwrap() {
+                    let name = dimension.as_str().unwrap();
+                    assert!(document[name].is_string(), "{name} in {document}");
+                }
+            }
+            for metric in directive["Metrics"].as_array().unwrap() {
+                let name = metric["Name"].as_str().unwrap();
+                assert!(document[name].is_number(), "{name} in {document}");
+            }
+        }
+    }
+    documents
 }
 
 #[tokio::test]
@@ -255,12 +305,14 @@ async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names(
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/single.json"))
             .unwrap();
     let (addr, mut replies, _server) = runtime_api(vec![("inv-1".into(), single)]).await;
-    let _child = bootstrap(
+    let mut child = bootstrap(
         &addr,
         &emulator.url(),
         &[
             ("EVENT_BUS_NAME", "pipeline"),
             ("AWS_ENDPOINT_URL_EVENTBRIDGE", moto.url()),
+            ("POWERTOOLS_METRICS_NAMESPACE", "Pipeline"),
+            ("POWERTOOLS_SERVICE_NAME", "ingest"),
         ],
     );
     let (_, reply) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
@@ -278,4 +330,20 @@ async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names(
         announced["detail"]["messageId"],
         ids(&event("single.json").records)[0].as_str()
     );
+
+    child.start_kill().unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let documents = emf_documents(&lines);
+    assert_eq!(documents.len(), 1);
+    assert_eq!(
+        documents[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"],
+        "Pipeline"
+    );
+    assert_eq!(documents[0]["Service"], "ingest");
+    assert_eq!(documents[0]["EventsPublished"], 1);
+    assert_eq!(documents[0]["AssetsCreated"], 1);
 }

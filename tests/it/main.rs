@@ -10,3 +10,4 @@ mod fakes;
 mod iam;
 mod mocks;
 mod sqs;
+mod template;
