@@ -5,7 +5,7 @@ VENV := .venv
 EVENT ?= events/mixed.json
 PIP_PACKAGES := cargo-lambda==1.9.2 moto[server]==5.* cfn-lint==1.*
 
-.PHONY: build test lint emulator invoke bench venv clean
+.PHONY: build test lint emulator invoke bench footprint venv clean
 
 $(VENV)/.installed: Makefile
 	python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ emulator:
 ## bench: drain a throttled backlog with this function and the baselines, side by side
 bench:
 	cargo run --release --quiet -p mpvod-bench --bin drain-bench
+
+## footprint: binary size, cold init, peak RSS and batch latency beside a minimal function
+footprint:
+	cargo build --release --quiet -p mediapackage-vod-ingest --bin bootstrap
+	cargo build --release --quiet -p mpvod-bench --bin minimal
+	cargo run --release --quiet -p mpvod-bench --bin footprint
 
 ## invoke: run the function under cargo lambda watch on EVENT against the emulator
 invoke: venv

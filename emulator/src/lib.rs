@@ -24,6 +24,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod runtime;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,110 +1,32 @@
 //! The compiled `bootstrap` binary, driven through a local Lambda Runtime API exactly as the
 //! Lambda service drives it, against the emulator, with configuration from the environment.
 
-use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::Router;
+use mpvod_emulator::runtime::{LocalRuntime, Reply};
 use mpvod_emulator::EmulatorConfig;
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 
 use crate::common::{event, ids, ROLE};
 
-/// What the function posted back for one invocation.
-#[derive(Debug)]
-enum Reply {
-    Response(Value),
-    Error(#[allow(dead_code)] Value),
+/// A local Runtime API with `events` queued, each with a 30 s function timeout.
+async fn runtime_api(events: Vec<(&str, String)>) -> LocalRuntime {
+    let runtime = LocalRuntime::start().await.unwrap();
+    for (id, body) in events {
+        runtime.invoke(id, body, Duration::from_secs(30));
+    }
+    runtime
 }
 
-#[derive(Clone)]
-struct RuntimeApi {
-    pending: Arc<Mutex<VecDeque<(String, String)>>>,
-    replies: mpsc::UnboundedSender<(String, Reply)>,
-}
-
-async fn next(State(api): State<RuntimeApi>) -> (HeaderMap, String) {
-    let job = api.pending.lock().unwrap().pop_front();
-    let Some((request_id, body)) = job else {
-        // No more work: hold the long poll like the real service does.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    let deadline = SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_secs(30);
-    let mut headers = HeaderMap::new();
-    headers.insert("lambda-runtime-aws-request-id", request_id.parse().unwrap());
-    headers.insert(
-        "lambda-runtime-deadline-ms",
-        deadline.as_millis().to_string().parse().unwrap(),
-    );
-    headers.insert(
-        "lambda-runtime-invoked-function-arn",
-        "arn:aws:lambda:us-east-1:123456789012:function:mediapackage-ingest"
-            .parse()
-            .unwrap(),
-    );
-    headers.insert(
-        "lambda-runtime-trace-id",
-        "Root=1-5f84c7a5-0123456789abcdef01234567".parse().unwrap(),
-    );
-    (headers, body)
-}
-
-async fn response(
-    State(api): State<RuntimeApi>,
-    Path(id): Path<String>,
-    body: String,
-) -> StatusCode {
-    let _ = api.replies.send((
-        id,
-        Reply::Response(serde_json::from_str(&body).unwrap_or(Value::Null)),
-    ));
-    StatusCode::ACCEPTED
-}
-
-async fn error(State(api): State<RuntimeApi>, Path(id): Path<String>, body: String) -> StatusCode {
-    let _ = api.replies.send((
-        id,
-        Reply::Error(serde_json::from_str(&body).unwrap_or(Value::Null)),
-    ));
-    StatusCode::ACCEPTED
-}
-
-/// Serves a Runtime API with `events` queued, on 127.0.0.1 with an ephemeral port.
-async fn runtime_api(
-    events: Vec<(String, String)>,
-) -> (
-    String,
-    mpsc::UnboundedReceiver<(String, Reply)>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let state = RuntimeApi {
-        pending: Arc::new(Mutex::new(events.into())),
-        replies: tx,
-    };
-    let app = Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route(
-            "/2018-06-01/runtime/invocation/{id}/response",
-            post(response),
-        )
-        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
-        .with_state(state);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (addr.to_string(), rx, server)
+/// The next reply of `runtime`, within a minute.
+async fn reply(runtime: &mut LocalRuntime) -> (String, Reply) {
+    let (id, reply, _) = tokio::time::timeout(Duration::from_secs(60), runtime.reply())
+        .await
+        .expect("the function answers in time")
+        .expect("a reply");
+    (id, reply)
 }
 
 fn bootstrap(runtime_api: &str, endpoint: &str, extra: &[(&str, &str)]) -> Child {
@@ -153,18 +75,14 @@ async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event()
     let batch =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/batch-10.json"))
             .unwrap();
-    let (addr, mut replies, _server) =
-        runtime_api(vec![("inv-1".into(), mixed), ("inv-2".into(), batch)]).await;
+    let mut runtime = runtime_api(vec![("inv-1", mixed), ("inv-2", batch)]).await;
     let mut child = bootstrap(
-        &addr,
+        runtime.addr(),
         &emulator.url(),
         &[("PACKAGING_GROUP_ID", "vod-group")],
     );
 
-    let (id, first) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
-        .await
-        .expect("the function answers in time")
-        .expect("a reply");
+    let (id, first) = reply(&mut runtime).await;
     assert_eq!(id, "inv-1");
     let Reply::Response(body) = first else {
         panic!("function error: {first:?}");
@@ -182,10 +100,7 @@ async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event()
     );
 
     // The same warm instance takes the next invocation.
-    let (id, second) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
-        .await
-        .expect("the function answers in time")
-        .expect("a reply");
+    let (id, second) = reply(&mut runtime).await;
     assert_eq!(id, "inv-2");
     assert!(
         matches!(second, Reply::Response(ref b) if b["batchItemFailures"] == serde_json::json!([])),
@@ -277,8 +192,12 @@ fn emf_documents(lines: &[Value]) -> Vec<Value> {
 
 #[tokio::test]
 async fn an_invalid_setting_fails_the_cold_start_naming_the_variable() {
-    let (addr, _replies, _server) = runtime_api(Vec::new()).await;
-    let child = bootstrap(&addr, "http://127.0.0.1:9", &[("MAX_CONCURRENCY", "zero")]);
+    let runtime = runtime_api(Vec::new()).await;
+    let child = bootstrap(
+        runtime.addr(),
+        "http://127.0.0.1:9",
+        &[("MAX_CONCURRENCY", "zero")],
+    );
     let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("exits at once")
@@ -304,9 +223,9 @@ async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names(
     let single =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/single.json"))
             .unwrap();
-    let (addr, mut replies, _server) = runtime_api(vec![("inv-1".into(), single)]).await;
+    let mut runtime = runtime_api(vec![("inv-1", single)]).await;
     let mut child = bootstrap(
-        &addr,
+        runtime.addr(),
         &emulator.url(),
         &[
             ("EVENT_BUS_NAME", "pipeline"),
@@ -315,13 +234,10 @@ async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names(
             ("POWERTOOLS_SERVICE_NAME", "ingest"),
         ],
     );
-    let (_, reply) = tokio::time::timeout(Duration::from_secs(60), replies.recv())
-        .await
-        .expect("the function answers in time")
-        .expect("a reply");
+    let (_, answer) = reply(&mut runtime).await;
     assert!(
-        matches!(reply, Reply::Response(ref b) if b["batchItemFailures"] == serde_json::json!([])),
-        "{reply:?}"
+        matches!(answer, Reply::Response(ref b) if b["batchItemFailures"] == serde_json::json!([])),
+        "{answer:?}"
     );
     let events = crate::events::announced(&moto, &announced_url).await;
     let announced = &events["show-s01e01"];

@@ -30,6 +30,9 @@ enum Needs {
     Arn(&'static str),
     /// A resource of the template (`!GetAtt NAME.Arn`) or a parameter (`!Ref NAME`).
     Template(&'static str),
+    /// The source role: the `SourceRoleArn` parameter, or the `SourceRole` the stack creates
+    /// when that is empty (`!If [CreateSourceRole, !GetAtt SourceRole.Arn, !Ref SourceRoleArn]`).
+    SourceRole,
 }
 
 const ASSET: Needs =
@@ -42,7 +45,7 @@ const OPERATIONS: &[(&str, &[(&str, Needs)])] = &[
         &[
             ("mediapackage-vod:CreateAsset", Needs::Star),
             ("mediapackage-vod:TagResource", ASSET),
-            ("iam:PassRole", Needs::Template("SourceRoleArn")),
+            ("iam:PassRole", Needs::SourceRole),
         ],
     ),
     (
@@ -146,6 +149,15 @@ fn covers(resource: &Value, needs: Needs) -> bool {
         }
         (Value::Tagged(tagged), Needs::Template(name)) if tagged.tag == "!Ref" => {
             tagged.value.as_str() == Some(name)
+        }
+        // Whichever way the condition goes, the resource is the source role.
+        (Value::Tagged(tagged), Needs::SourceRole) if tagged.tag == "!If" => tagged
+            .value
+            .as_sequence()
+            .is_some_and(|v| v.len() == 3 && v[1..].iter().all(|b| covers(b, Needs::SourceRole))),
+        (resource, Needs::SourceRole) => {
+            covers(resource, Needs::Template("SourceRoleArn"))
+                || covers(resource, Needs::Template("SourceRole"))
         }
         _ => false,
     }
