@@ -5,7 +5,14 @@ VENV := .venv
 EVENT ?= events/mixed.json
 PIP_PACKAGES := cargo-lambda==1.9.2 moto[server]==5.* cfn-lint==1.*
 
-.PHONY: build test lint emulator invoke bench footprint venv clean
+# The deployable's architecture: the template's default (arm64), or ARCH=x86_64.
+ARCH ?= arm64
+HOST_ARCH := $(shell uname -m | sed 's/aarch64/arm64/')
+RUST_TARGET_arm64 := aarch64-unknown-linux-gnu
+RUST_TARGET_x86_64 := x86_64-unknown-linux-gnu
+SAM := SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(VENV)/bin/sam
+
+.PHONY: build dev test lint validate deploy emulator invoke bench footprint venv clean
 
 $(VENV)/.installed: Makefile
 	python3 -m venv $(VENV)
@@ -15,8 +22,17 @@ $(VENV)/.installed: Makefile
 ## venv: the project-local Python tools (cargo-lambda, moto)
 venv: $(VENV)/.installed
 
-## build: compile the function (bootstrap) and the emulator
-build:
+## build: the deployable bootstrap, as SAM builds it (ARCH=arm64, the default, or x86_64)
+build: venv
+	@case "$(ARCH)" in arm64|x86_64) ;; *) echo "build: ARCH must be arm64 or x86_64, not $(ARCH)" >&2; exit 2;; esac
+	@rustup target list --installed 2>/dev/null | grep -qx "$(RUST_TARGET_$(ARCH))" || { \
+	  echo "build: the Rust target for $(ARCH) is not installed; run: rustup target add $(RUST_TARGET_$(ARCH))" >&2; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --bin bootstrap \
+	  --target $(RUST_TARGET_$(ARCH))
+	@ls -l target/lambda/bootstrap/bootstrap
+
+## dev: compile every binary of the workspace for this machine (debug)
+dev:
 	cargo build --workspace --bins
 
 ## test: every unit and integration test
@@ -28,6 +44,26 @@ lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	AWS_DEFAULT_REGION=us-east-1 $(VENV)/bin/cfn-lint template.yaml
+
+$(VENV)/.sam-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "aws-sam-cli==1.*"
+	touch $@
+
+## validate: cfn-lint and sam validate --lint on the template, for both architectures (offline)
+validate: $(VENV)/.sam-installed
+	@for arch in arm64 x86_64; do \
+	  sed 's/^    Default: arm64$$/    Default: '"$$arch"'/' template.yaml > .validate-$$arch.yaml; \
+	  grep -q "Default: $$arch" .validate-$$arch.yaml || { echo "validate: no Architecture default to set" >&2; exit 1; }; \
+	  echo "==> $$arch"; \
+	  AWS_DEFAULT_REGION=us-east-1 $(VENV)/bin/cfn-lint .validate-$$arch.yaml || exit 1; \
+	  $(SAM) validate --lint --template .validate-$$arch.yaml || exit 1; \
+	  rm -f .validate-$$arch.yaml; \
+	done
+
+## deploy: sam build and sam deploy with samconfig.toml (add GUIDED=1 the first time)
+deploy: $(VENV)/.sam-installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) build
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) deploy $(if $(GUIDED),--guided)
 
 ## emulator: serve the MediaPackage VOD emulator in the foreground (ARGS="--rate 10")
 emulator:
