@@ -29,6 +29,8 @@ use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
 use tokio::time::Instant;
 
 pub mod matrix;
+pub mod process;
+pub mod sqs;
 
 /// Upper bounds, in seconds, of the trace's buckets of return times (the last takes the rest).
 const RETURN_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, f64::INFINITY];
@@ -341,6 +343,71 @@ impl QueueApi for SimQueuePort {
     }
 }
 
+/// Where the event source mapping polls: the in-memory [`SimQueue`], or a real SQS API
+/// ([`sqs::SqsSource`]).
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Up to `max` messages visible now, as Lambda event records; none if none is visible.
+    async fn receive(&self, max: usize) -> Vec<SqsMessage>;
+    /// Deletes the messages behind `receipts`: those an invocation did not report.
+    async fn delete(&self, receipts: &[String]);
+    /// Whether no message is left, visible or in flight.
+    async fn is_empty(&self) -> bool;
+    /// A line on the queue's state, printed every few seconds under `BENCH_TRACE`.
+    fn trace(&self) -> Option<String> {
+        None
+    }
+}
+
+#[async_trait]
+impl Source for SimQueue {
+    async fn receive(&self, max: usize) -> Vec<SqsMessage> {
+        SimQueue::receive(self, max)
+    }
+
+    async fn delete(&self, receipts: &[String]) {
+        for receipt in receipts {
+            SimQueue::delete(self, receipt);
+        }
+    }
+
+    async fn is_empty(&self) -> bool {
+        SimQueue::is_empty(self)
+    }
+
+    fn trace(&self) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let visible = state
+            .messages
+            .values()
+            .filter(|m| m.visible_at <= now)
+            .count();
+        // When the invisible messages come back, in doubling buckets of seconds.
+        let mut returns = [0usize; RETURN_BUCKETS.len()];
+        for m in state.messages.values().filter(|m| m.visible_at > now) {
+            let secs = (m.visible_at - now).as_secs_f64();
+            returns[bucket(RETURN_BUCKETS.into_iter(), secs)] += 1;
+        }
+        let returns: Vec<String> = RETURN_BUCKETS
+            .iter()
+            .zip(returns)
+            .map(|(upper, n)| {
+                if upper.is_finite() {
+                    format!("<{upper}s:{n}")
+                } else {
+                    format!(">={}s:{n}", RETURN_BUCKETS[RETURN_BUCKETS.len() - 2])
+                }
+            })
+            .collect();
+        Some(format!(
+            "left {} visible {visible} returning {}",
+            state.messages.len(),
+            returns.join(" ")
+        ))
+    }
+}
+
 /// One function instance: an invocation takes a batch and a deadline.
 #[async_trait]
 pub trait Function: Send + Sync {
@@ -357,6 +424,9 @@ pub trait Function: Send + Sync {
 pub struct Mapping {
     /// Records per invocation (10 by default on SQS).
     pub batch_size: usize,
+    /// How long a poller gathers messages for a batch before it invokes with fewer than
+    /// `batch_size` (`MaximumBatchingWindowInSeconds`; zero: invoke with what one poll gets).
+    pub batching_window: Duration,
     /// The function timeout.
     pub function_timeout: Duration,
     /// Give up after this long.
@@ -398,10 +468,30 @@ const LENGTHS: [(u128, &str); 5] = [
     (u128::MAX, ">=500ms"),
 ];
 
+/// A batch for one invocation: what one poll gets, or, with a batching window, what polls get
+/// until the batch is full or the window ends (an empty poll waits a little before the next).
+async fn gather(queue: &dyn Source, mapping: &Mapping) -> Vec<SqsMessage> {
+    let mut records = queue.receive(mapping.batch_size).await;
+    if mapping.batching_window.is_zero() || records.is_empty() {
+        return records;
+    }
+    let until = Instant::now() + mapping.batching_window;
+    while records.len() < mapping.batch_size && Instant::now() < until {
+        let more = queue.receive(mapping.batch_size - records.len()).await;
+        if more.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        records.extend(more);
+    }
+    records
+}
+
 /// Feeds `queue` to `instances` the way the Lambda event source mapping does until the queue is
-/// empty, and reports the cost.
+/// empty, and reports the cost: one poller per instance (the mapping's maximum concurrency)
+/// gathers a batch, invokes, deletes what the response does not list and bills the
+/// invocation's duration; an invocation that errors or outlives its timeout deletes nothing.
 pub async fn drain(
-    queue: Arc<SimQueue>,
+    queue: Arc<dyn Source>,
     instances: Vec<Arc<dyn Function>>,
     mapping: Mapping,
 ) -> DrainReport {
@@ -416,8 +506,8 @@ pub async fn drain(
         let histogram = histogram.clone();
         pollers.push(tokio::spawn(async move {
             let mut report = DrainReport::default();
-            while !queue.is_empty() && Instant::now() < stop {
-                let records = queue.receive(mapping.batch_size);
+            while !queue.is_empty().await && Instant::now() < stop {
+                let records = gather(queue.as_ref(), &mapping).await;
                 if records.is_empty() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -443,11 +533,12 @@ pub async fn drain(
                             .into_iter()
                             .map(|f| f.item_identifier)
                             .collect();
-                        for record in &records {
-                            if !failed.contains(record.message_id.as_deref().unwrap_or("")) {
-                                queue.delete(record.receipt_handle.as_deref().unwrap_or(""));
-                            }
-                        }
+                        let done: Vec<String> = records
+                            .iter()
+                            .filter(|r| !failed.contains(r.message_id.as_deref().unwrap_or("")))
+                            .filter_map(|r| r.receipt_handle.clone())
+                            .collect();
+                        queue.delete(&done).await;
                     }
                     Ok(Err(_)) => report.failed_invocations += 1,
                     Err(_) => {
@@ -464,38 +555,9 @@ pub async fn drain(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let (left, visible, returns) = {
-                    let state = queue.state.lock().unwrap();
-                    let now = Instant::now();
-                    let visible = state
-                        .messages
-                        .values()
-                        .filter(|m| m.visible_at <= now)
-                        .count();
-                    // When the invisible messages come back, in doubling buckets of seconds.
-                    let mut returns = [0usize; RETURN_BUCKETS.len()];
-                    for m in state.messages.values().filter(|m| m.visible_at > now) {
-                        let secs = (m.visible_at - now).as_secs_f64();
-                        returns[bucket(RETURN_BUCKETS.into_iter(), secs)] += 1;
-                    }
-                    (state.messages.len(), visible, returns)
-                };
-                let returns: Vec<String> = RETURN_BUCKETS
-                    .iter()
-                    .zip(returns)
-                    .map(|(upper, n)| {
-                        if upper.is_finite() {
-                            format!("<{upper}s:{n}")
-                        } else {
-                            format!(">={}s:{n}", RETURN_BUCKETS[RETURN_BUCKETS.len() - 2])
-                        }
-                    })
-                    .collect();
-                eprintln!(
-                    "t={:>5.1}s left {left} visible {visible} returning {}",
-                    start.elapsed().as_secs_f64(),
-                    returns.join(" ")
-                );
+                if let Some(line) = queue.trace() {
+                    eprintln!("t={:>5.1}s {line}", start.elapsed().as_secs_f64());
+                }
             }
         })
     });
@@ -517,7 +579,7 @@ pub async fn drain(
             );
         }
     }
-    total.drained = queue.is_empty();
+    total.drained = queue.is_empty().await;
     total
 }
 

@@ -163,6 +163,7 @@ pub async fn run(row: &Row, strategy: Strategy, config: &Config) -> Outcome {
         .collect();
     let mapping = Mapping {
         batch_size: 10,
+        batching_window: Duration::ZERO,
         function_timeout: row.function_timeout,
         give_up_after: row.ideal().mul_f64(6.0) + Duration::from_secs(60),
     };

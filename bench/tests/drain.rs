@@ -33,6 +33,7 @@ fn backlog() -> Arc<SimQueue> {
 
 const MAPPING: Mapping = Mapping {
     batch_size: 10,
+    batching_window: Duration::ZERO,
     function_timeout: Duration::from_secs(30),
     give_up_after: Duration::from_secs(120),
 };

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod moto;
 pub mod runtime;
 
 use std::collections::BTreeMap;

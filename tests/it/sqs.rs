@@ -1,7 +1,6 @@
 //! The SQS adapter against a real SQS API (moto, on loopback): queue URL from the event source
 //! ARN, visibility changes, and a retried message kept away for its delay.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,64 +11,27 @@ use mpvod_ingest::ingest::Ingestor;
 use mpvod_ingest::mediapackage::{ApiError, Asset, AssetApi};
 use mpvod_ingest::message::{AssetId, AssetRequest};
 use mpvod_ingest::sqs::{QueueApi, SdkQueueApi, VisibilityChange};
-use tokio::process::{Child, Command};
 
 use crate::common::far_deadline;
 
-/// A moto server on 127.0.0.1, stopped when dropped.
-pub struct Moto {
-    url: String,
-    _child: Child,
-}
+/// moto on 127.0.0.1, with clients for it.
+pub struct Moto(mpvod_emulator::moto::Moto);
 
 impl Moto {
     pub async fn start() -> Self {
-        let exe = std::env::var("MOTO_SERVER").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server").to_string()
-        });
-        assert!(
-            std::path::Path::new(&exe).exists(),
-            "{exe} not found: run `make test`, which installs moto into .venv, or set MOTO_SERVER"
-        );
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let child = Command::new(&exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("moto_server starts");
-        let started = tokio::time::Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "moto did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Self {
-            url: format!("http://127.0.0.1:{port}"),
-            _child: child,
-        }
+        Self(mpvod_emulator::moto::Moto::start().await)
     }
 
     /// The server's endpoint.
     pub fn url(&self) -> &str {
-        &self.url
+        self.0.url()
     }
 
     /// An EventBridge client on the same moto server.
     pub fn eventbridge(&self) -> aws_sdk_eventbridge::Client {
         let conf = aws_sdk_eventbridge::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&self.url)
+            .endpoint_url(self.url())
             .region(Region::new("us-east-1"))
             .credentials_provider(Credentials::new("test", "test", None, None, "test"))
             .build();
@@ -79,7 +41,7 @@ impl Moto {
     pub fn client(&self) -> aws_sdk_sqs::Client {
         let conf = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&self.url)
+            .endpoint_url(self.url())
             .region(Region::new("us-east-1"))
             .credentials_provider(Credentials::new("test", "test", None, None, "test"))
             .build();

@@ -1,0 +1,157 @@
+//! The event source mapping over a real SQS API (moto on loopback in `make e2e`): the same
+//! [`crate::drain`] as the bench's in-memory queue, polling with `ReceiveMessage` and deleting
+//! with `DeleteMessageBatch`, while SQS itself keeps visibility, redrive and FIFO order.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::SqsMessage;
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+};
+
+use crate::Source;
+
+/// One SQS queue as an event source.
+pub struct SqsSource {
+    client: aws_sdk_sqs::Client,
+    url: String,
+    arn: String,
+    /// The highest `ApproximateReceiveCount` seen of each message.
+    receives: Mutex<HashMap<String, u32>>,
+}
+
+impl SqsSource {
+    /// The queue at `url`.
+    pub async fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> Self {
+        let url = url.into();
+        let arn = client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.attributes)
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        Self {
+            client,
+            url,
+            arn,
+            receives: Mutex::default(),
+        }
+    }
+
+    /// How many times each message was received, by message id.
+    pub fn receives(&self) -> HashMap<String, u32> {
+        self.receives.lock().unwrap().clone()
+    }
+
+    async fn counts(&self) -> Option<u64> {
+        let attributes = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .ok()?
+            .attributes?;
+        Some(
+            attributes
+                .values()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum(),
+        )
+    }
+}
+
+/// A received SQS message as the Lambda event record for queue `arn`.
+pub fn lambda_record(m: aws_sdk_sqs::types::Message, arn: &str) -> SqsMessage {
+    let mut r = SqsMessage::default();
+    r.message_id = m.message_id;
+    r.receipt_handle = m.receipt_handle;
+    r.body = m.body;
+    r.md5_of_body = m.md5_of_body;
+    r.event_source = Some("aws:sqs".into());
+    r.event_source_arn = Some(arn.to_string());
+    r.aws_region = Some("us-east-1".into());
+    for (k, v) in m.attributes.unwrap_or_default() {
+        r.attributes.insert(k.as_str().to_string(), v);
+    }
+    r
+}
+
+#[async_trait]
+impl Source for SqsSource {
+    async fn receive(&self, max: usize) -> Vec<SqsMessage> {
+        let Ok(output) = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let records: Vec<SqsMessage> = output
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| lambda_record(m, &self.arn))
+            .collect();
+        let mut receives = self.receives.lock().unwrap();
+        for record in &records {
+            let count = record
+                .attributes
+                .get("ApproximateReceiveCount")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1);
+            let seen = receives
+                .entry(record.message_id.clone().unwrap_or_default())
+                .or_default();
+            *seen = (*seen).max(count);
+        }
+        records
+    }
+
+    async fn delete(&self, receipts: &[String]) {
+        for chunk in receipts.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, receipt)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(format!("m{i}"))
+                        .receipt_handle(receipt)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let _ = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+        }
+    }
+
+    async fn is_empty(&self) -> bool {
+        self.counts().await == Some(0)
+    }
+
+    fn trace(&self) -> Option<String> {
+        Some(format!(
+            "messages received {}",
+            self.receives.lock().unwrap().len()
+        ))
+    }
+}
