@@ -12,7 +12,7 @@ RUST_TARGET_arm64 := aarch64-unknown-linux-gnu
 RUST_TARGET_x86_64 := x86_64-unknown-linux-gnu
 SAM := SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(VENV)/bin/sam
 
-.PHONY: build dev test e2e lint validate deploy emulator invoke bench footprint venv clean
+.PHONY: build dev up test e2e lint validate deploy emulator invoke bench footprint venv clean
 
 $(VENV)/.installed: Makefile
 	python3 -m venv $(VENV)
@@ -38,6 +38,12 @@ dev:
 ## test: every unit and integration test
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo test --workspace
+
+## up: a local stack (moto SQS, the emulator, INSTANCES bootstrap processes per queue) until Ctrl-C
+up: venv
+	cargo build --quiet --bin bootstrap
+	INSTANCES="$(INSTANCES)" EMULATOR_ARGS="$(EMULATOR_ARGS)" \
+	  cargo run --quiet -p mpvod-bench --bin local-stack
 
 ## e2e: end-to-end scenarios: moto's SQS, the event source mapping, bootstrap processes, the emulator
 e2e: venv

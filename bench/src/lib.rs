@@ -486,6 +486,89 @@ async fn gather(queue: &dyn Source, mapping: &Mapping) -> Vec<SqsMessage> {
     records
 }
 
+/// How one invocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// It answered; what it did not report was deleted.
+    Answered,
+    /// It returned an error: nothing deleted.
+    Failed,
+    /// It outlived the function timeout: nothing deleted.
+    TimedOut,
+}
+
+/// Invokes `function` with `records` as the event source mapping does: under the function
+/// timeout, then deletes the messages the response does not list. Returns how it ended and how
+/// long it ran.
+pub async fn invoke_batch(
+    queue: &dyn Source,
+    function: &dyn Function,
+    records: &[SqsMessage],
+    mapping: &Mapping,
+) -> (Ending, Duration) {
+    let began = Instant::now();
+    let deadline = began + mapping.function_timeout;
+    let result = tokio::time::timeout_at(deadline, function.invoke(records, deadline)).await;
+    let elapsed = began.elapsed();
+    let ending = match result {
+        Ok(Ok(response)) => {
+            let failed: HashSet<String> = response
+                .batch_item_failures
+                .into_iter()
+                .map(|f| f.item_identifier)
+                .collect();
+            let done: Vec<String> = records
+                .iter()
+                .filter(|r| !failed.contains(r.message_id.as_deref().unwrap_or("")))
+                .filter_map(|r| r.receipt_handle.clone())
+                .collect();
+            queue.delete(&done).await;
+            Ending::Answered
+        }
+        Ok(Err(_)) => Ending::Failed,
+        Err(_) => Ending::TimedOut,
+    };
+    (ending, elapsed)
+}
+
+/// What [`serve`] has done so far.
+#[derive(Debug, Default)]
+pub struct ServeCounts {
+    /// Invocations made.
+    pub invocations: AtomicU64,
+    /// Invocations that failed or timed out.
+    pub failed: AtomicU64,
+}
+
+/// Feeds `queue` to `instances` as the event source mapping does, for as long as the future
+/// runs (drop it to stop): one poller per instance.
+pub async fn serve(
+    queue: Arc<dyn Source>,
+    instances: Vec<Arc<dyn Function>>,
+    mapping: Mapping,
+    counts: Arc<ServeCounts>,
+) {
+    let pollers = instances.into_iter().map(|function| {
+        let (queue, counts) = (queue.clone(), counts.clone());
+        async move {
+            loop {
+                let records = gather(queue.as_ref(), &mapping).await;
+                if records.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                let (ending, _) =
+                    invoke_batch(queue.as_ref(), function.as_ref(), &records, &mapping).await;
+                counts.invocations.fetch_add(1, Ordering::Relaxed);
+                if ending != Ending::Answered {
+                    counts.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    futures::future::join_all(pollers).await;
+}
+
 /// Feeds `queue` to `instances` the way the Lambda event source mapping does until the queue is
 /// empty, and reports the cost: one poller per instance (the mapping's maximum concurrency)
 /// gathers a batch, invokes, deletes what the response does not list and bills the
@@ -512,11 +595,8 @@ pub async fn drain(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                let began = Instant::now();
-                let deadline = began + mapping.function_timeout;
-                let result =
-                    tokio::time::timeout_at(deadline, function.invoke(&records, deadline)).await;
-                let elapsed = began.elapsed();
+                let (ending, elapsed) =
+                    invoke_batch(queue.as_ref(), function.as_ref(), &records, &mapping).await;
                 if trace {
                     let b = bucket(LENGTHS.iter().map(|(upto, _)| *upto), elapsed.as_millis());
                     let mut h = histogram.lock().unwrap();
@@ -526,22 +606,10 @@ pub async fn drain(
                 }
                 report.billed += Duration::from_millis(elapsed.as_micros().div_ceil(1000) as u64);
                 report.invocations += 1;
-                match result {
-                    Ok(Ok(response)) => {
-                        let failed: HashSet<String> = response
-                            .batch_item_failures
-                            .into_iter()
-                            .map(|f| f.item_identifier)
-                            .collect();
-                        let done: Vec<String> = records
-                            .iter()
-                            .filter(|r| !failed.contains(r.message_id.as_deref().unwrap_or("")))
-                            .filter_map(|r| r.receipt_handle.clone())
-                            .collect();
-                        queue.delete(&done).await;
-                    }
-                    Ok(Err(_)) => report.failed_invocations += 1,
-                    Err(_) => {
+                match ending {
+                    Ending::Answered => {}
+                    Ending::Failed => report.failed_invocations += 1,
+                    Ending::TimedOut => {
                         report.failed_invocations += 1;
                         report.timeouts += 1;
                     }

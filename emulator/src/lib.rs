@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod moto;
 pub mod runtime;
 
