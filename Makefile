@@ -42,8 +42,8 @@ test: venv
 ## up: a local stack (moto SQS, the emulator, INSTANCES bootstrap processes per queue) until Ctrl-C
 up: venv
 	cargo build --quiet --bin bootstrap
-	INSTANCES="$(INSTANCES)" EMULATOR_ARGS="$(EMULATOR_ARGS)" \
-	  cargo run --quiet -p mpvod-bench --bin local-stack
+	INSTANCES="$(INSTANCES)" BATCH_SIZE="$(BATCH_SIZE)" BATCHING_WINDOW_SECONDS="$(BATCHING_WINDOW_SECONDS)" \
+	  EMULATOR_ARGS="$(EMULATOR_ARGS)" cargo run --quiet -p mpvod-bench --bin local-stack
 
 ## e2e: end-to-end scenarios: moto's SQS, the event source mapping, bootstrap processes, the emulator
 e2e: venv

@@ -5,8 +5,10 @@
 //! by the event source mapping of `make bench` and `make e2e`. It prints the queue URLs and the
 //! commands to send messages, then a status line every second.
 //!
-//! Environment: `INSTANCES`, `EMULATOR_ARGS`, `BOOTSTRAP` (default `target/debug/bootstrap`),
-//! `LOG_DIR` (default `target/local-stack`: one log file per instance).
+//! Environment: `INSTANCES` (the mapping's maximum concurrency, per queue), `BATCH_SIZE`
+//! (default 10; the FIFO queue takes at most 10), `BATCHING_WINDOW_SECONDS` (default 0),
+//! `EMULATOR_ARGS`, `BOOTSTRAP` (default `target/debug/bootstrap`), `LOG_DIR` (default
+//! `target/local-stack`: one log file per instance).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -121,6 +123,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (batch_size, batching_window) = match (
+        env_or("BATCH_SIZE", "10").parse::<usize>(),
+        env_or("BATCHING_WINDOW_SECONDS", "0").parse::<u64>(),
+    ) {
+        (Ok(size), Ok(window)) if (1..=10_000).contains(&size) && window <= 300 => {
+            (size, Duration::from_secs(window))
+        }
+        _ => {
+            eprintln!(
+                "make up: BATCH_SIZE must be 1 to 10000 and BATCHING_WINDOW_SECONDS 0 to 300"
+            );
+            return ExitCode::from(2);
+        }
+    };
     let emulator_args = env_or("EMULATOR_ARGS", "");
     let args: Vec<String> = emulator_args.split_whitespace().map(String::from).collect();
     let (mut config, _) = match parse_args(&args) {
@@ -197,8 +213,12 @@ async fn main() -> ExitCode {
         }
         let source = Arc::new(SqsSource::new(sqs.clone(), &queue.url).await);
         let mapping = Mapping {
-            batch_size: 10,
-            batching_window: Duration::ZERO,
+            batch_size: if queue.name.ends_with(".fifo") {
+                batch_size.min(10)
+            } else {
+                batch_size
+            },
+            batching_window,
             function_timeout: Duration::from_secs(30),
             give_up_after: Duration::MAX,
         };
@@ -225,6 +245,10 @@ async fn main() -> ExitCode {
     println!("  FIFO dead-letter queue {}", fifo.dlq_url);
     println!(
         "  function instances     {instances} per queue, maxReceiveCount {MAX_RECEIVE_COUNT}, visibility timeout {VISIBILITY_TIMEOUT} s"
+    );
+    println!(
+        "  event source mapping   batch size {batch_size}, batching window {} s, maximum concurrency {instances}",
+        batching_window.as_secs()
     );
     for log in &log_files {
         println!("  log                    {}", log.display());

@@ -14,6 +14,8 @@ usage: mpvod-emulator [options]
   --rate R               throttle beyond R requests per second (default: no limit)
   --burst B              token bucket size for --rate (default: R rounded up)
   --fault-rate F         answer this share of calls with 500/503 (0.0 to 1.0, default 0)
+  --drop-rate F          close the connection without an answer after this share of calls
+                         took effect (0.0 to 1.0, default 0)
   --latency-ms MS        add this latency to every call (default 0)
   --asset-quota N        assets per packaging group before 429 Resource limit exceeded
   --packaging-group ID   create this packaging group at start (repeatable)
@@ -52,6 +54,13 @@ pub fn parse_args(args: &[String]) -> Result<(EmulatorConfig, Option<Duration>),
                     return Err(bad("between 0 and 1"));
                 }
                 config.fault_rate = f;
+            }
+            "--drop-rate" => {
+                let f: f64 = value.parse().map_err(|_| bad("a number"))?;
+                if !(0.0..=1.0).contains(&f) {
+                    return Err(bad("between 0 and 1"));
+                }
+                config.drop_rate = f;
             }
             "--latency-ms" => {
                 config.latency =

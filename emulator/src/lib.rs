@@ -59,6 +59,9 @@ pub struct EmulatorConfig {
     pub rate_limit: Option<(f64, u32)>,
     /// Share of calls (0.0 to 1.0) answered with 500 or 503 before any other processing.
     pub fault_rate: f64,
+    /// Share of calls (0.0 to 1.0) whose answer is lost: the call takes effect, then the
+    /// connection closes without a response, as when a network path fails mid-call.
+    pub drop_rate: f64,
     /// Latency added to every call.
     pub latency: Duration,
     /// Maximum assets per packaging group; `None` means unlimited.
@@ -87,6 +90,13 @@ impl EmulatorConfig {
     /// Answers this share of calls with a 500 or a 503.
     pub fn with_fault_rate(mut self, fault_rate: f64) -> Self {
         self.fault_rate = fault_rate;
+        self
+    }
+
+    /// Loses the answer of this share of calls: the call takes effect and the connection
+    /// closes without a response.
+    pub fn with_drop_rate(mut self, drop_rate: f64) -> Self {
+        self.drop_rate = drop_rate;
         self
     }
 
@@ -199,6 +209,9 @@ pub struct Stats {
     pub quota_exceeded: u64,
     /// Calls answered 500 or 503 by fault injection.
     pub faults: u64,
+    /// Calls whose connection closed without an answer, after they took effect.
+    #[serde(default)]
+    pub dropped: u64,
     /// Assets created.
     pub assets_created: u64,
 }
@@ -273,6 +286,7 @@ struct Emulator {
     store: Mutex<Store>,
     bucket: Option<Mutex<TokenBucket>>,
     fault_rate: f64,
+    drop_rate: f64,
     latency: Duration,
     asset_quota: Option<usize>,
     forbidden_roles: Vec<String>,
@@ -281,6 +295,7 @@ struct Emulator {
     throttled: AtomicU64,
     quota_exceeded: AtomicU64,
     faults: AtomicU64,
+    dropped: AtomicU64,
     assets_created: AtomicU64,
     request_ids: AtomicU64,
 }
@@ -297,6 +312,7 @@ impl Emulator {
                 .rate_limit
                 .map(|(rate, burst)| Mutex::new(TokenBucket::new(rate, burst))),
             fault_rate: config.fault_rate.clamp(0.0, 1.0),
+            drop_rate: config.drop_rate.clamp(0.0, 1.0),
             latency: config.latency,
             asset_quota: config.asset_quota,
             forbidden_roles: config.forbidden_roles.clone(),
@@ -309,6 +325,7 @@ impl Emulator {
             throttled: AtomicU64::new(0),
             quota_exceeded: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             assets_created: AtomicU64::new(0),
             request_ids: AtomicU64::new(0),
         }
@@ -320,6 +337,7 @@ impl Emulator {
             throttled: self.throttled.load(Ordering::Relaxed),
             quota_exceeded: self.quota_exceeded.load(Ordering::Relaxed),
             faults: self.faults.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
             assets_created: self.assets_created.load(Ordering::Relaxed),
         }
     }
@@ -544,6 +562,13 @@ async fn call(
         Ok(()) => op(emulator),
         Err(error) => Err(error),
     };
+    if emulator.drop_rate > 0.0 && emulator.rng.lock().expect("rng lock").f64() < emulator.drop_rate
+    {
+        emulator.dropped.fetch_add(1, Ordering::Relaxed);
+        // Unwinding the connection's task closes its socket with no response written; unlike
+        // `panic!`, `resume_unwind` does not run the panic hook, so nothing is printed.
+        std::panic::resume_unwind(Box::new("emulated dropped connection"));
+    }
     Reply { request_id, result }
 }
 

@@ -168,6 +168,41 @@ async fn server_faults_are_retried_and_every_asset_is_made_exactly_once() {
 }
 
 #[tokio::test]
+async fn an_answer_lost_after_the_asset_was_made_is_a_transient_error() {
+    let emulator = emulator(EmulatorConfig::default().with_drop_rate(1.0)).await;
+    let config = test_config();
+    let api = SdkAssetApi::new(sdk_client(&emulator.url(), &config));
+    let request = mpvod_ingest::message::AssetRequest::parse(
+        event("single.json").records[0].body.as_deref().unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    use mpvod_ingest::mediapackage::{AssetApi, ErrorKind};
+    let error = api.create_asset(&request).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Transient, "{error:?}");
+    // The call took effect: the asset exists, and the emulator counted the dropped answer.
+    assert_eq!(emulator.assets().len(), 1);
+    assert_eq!(emulator.stats().dropped, 1);
+}
+
+#[tokio::test]
+async fn server_faults_and_lost_answers_are_retried_and_every_asset_is_made_exactly_once() {
+    let emulator = emulator(
+        EmulatorConfig::default()
+            .with_fault_rate(0.3)
+            .with_drop_rate(0.3)
+            .with_seed(11),
+    )
+    .await;
+    let ingestor = ingestor(&emulator, test_config());
+    let left = drain(&ingestor, event("batch-10.json").records, 30).await;
+    assert!(left.is_empty(), "still failing: {:?}", ids(&left));
+    assert_eq!(emulator.assets().len(), 10);
+    assert_eq!(emulator.stats().assets_created, 10);
+    assert!(emulator.stats().dropped > 0, "answers were lost");
+}
+
+#[tokio::test]
 async fn a_forbidden_role_is_a_permanent_failure() {
     let emulator = emulator(EmulatorConfig::default().with_forbidden_role(ROLE)).await;
     let ingestor = ingestor(&emulator, test_config());
