@@ -813,6 +813,23 @@ impl Function for AllAtOnce {
     }
 }
 
+/// The compiled `bootstrap` that `make up` and `make e2e` run: `BOOTSTRAP`, else
+/// `target/debug/bootstrap` (under `CARGO_TARGET_DIR` if set).
+pub fn bootstrap_binary() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    std::env::var_os("BOOTSTRAP").map_or_else(
+        || {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(
+                    || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")),
+                    PathBuf::from,
+                )
+                .join("debug/bootstrap")
+        },
+        PathBuf::from,
+    )
+}
+
 /// A message body for asset `i`.
 pub fn body(i: usize) -> String {
     serde_json::json!({

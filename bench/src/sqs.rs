@@ -13,6 +13,78 @@ use aws_sdk_sqs::types::{
 
 use crate::Source;
 
+/// An SQS client for a stand-in at `endpoint` (moto), with test credentials.
+pub fn local_client(endpoint: &str) -> aws_sdk_sqs::Client {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build(),
+    )
+}
+
+/// A queue and its dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct QueuePair {
+    /// The queue's URL.
+    pub url: String,
+    /// Its dead-letter queue's URL.
+    pub dlq_url: String,
+}
+
+/// Creates queue `name` (FIFO if it ends in `.fifo`) with `visibility_timeout` seconds and a
+/// redrive policy of `max_receive_count` to a new dead-letter queue (`<stem>-dlq`), as
+/// `template.yaml` makes them.
+pub async fn queue_with_dead_letter_queue(
+    sqs: &aws_sdk_sqs::Client,
+    name: &str,
+    visibility_timeout: u32,
+    max_receive_count: u32,
+) -> Result<QueuePair, aws_sdk_sqs::Error> {
+    let fifo = name.ends_with(".fifo");
+    let create = |queue: String, attributes: Vec<(QueueAttributeName, String)>| async move {
+        let mut create = sqs.create_queue().queue_name(queue);
+        for (k, v) in attributes {
+            create = create.attributes(k, v);
+        }
+        if fifo {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        Ok::<_, aws_sdk_sqs::Error>(create.send().await?.queue_url.unwrap_or_default())
+    };
+    let dlq_name = match name.strip_suffix(".fifo") {
+        Some(stem) => format!("{stem}-dlq.fifo"),
+        None => format!("{name}-dlq"),
+    };
+    let dlq_url = create(dlq_name, Vec::new()).await?;
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .unwrap_or_default();
+    let policy =
+        format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive_count}"}}"#);
+    let url = create(
+        name.to_string(),
+        vec![
+            (QueueAttributeName::RedrivePolicy, policy),
+            (
+                QueueAttributeName::VisibilityTimeout,
+                visibility_timeout.to_string(),
+            ),
+        ],
+    )
+    .await?;
+    Ok(QueuePair { url, dlq_url })
+}
+
 /// One SQS queue as an event source.
 pub struct SqsSource {
     client: aws_sdk_sqs::Client,

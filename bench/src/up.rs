@@ -17,11 +17,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use mpvod_bench::process::ProcessInstance;
-use mpvod_bench::sqs::SqsSource;
-use mpvod_bench::{serve, Function, Mapping, ServeCounts};
+use mpvod_bench::sqs::{local_client, queue_with_dead_letter_queue, SqsSource};
+use mpvod_bench::{bootstrap_binary, serve, Function, Mapping, ServeCounts};
 use mpvod_emulator::cli::{parse_args, USAGE};
 use mpvod_emulator::moto::Moto;
 
@@ -39,51 +38,14 @@ struct Queue {
 }
 
 async fn create_queues(sqs: &aws_sdk_sqs::Client, name: &'static str) -> Queue {
-    let fifo = name.ends_with(".fifo");
-    let create = |queue: String, attributes: Vec<(QueueAttributeName, String)>| async move {
-        let mut create = sqs.create_queue().queue_name(queue);
-        for (k, v) in attributes {
-            create = create.attributes(k, v);
-        }
-        if fifo {
-            create = create.attributes(QueueAttributeName::FifoQueue, "true");
-        }
-        create
-            .send()
-            .await
-            .expect("create queue")
-            .queue_url
-            .unwrap_or_default()
-    };
-    let dlq_name = match name.strip_suffix(".fifo") {
-        Some(stem) => format!("{stem}-dlq.fifo"),
-        None => format!("{name}-dlq"),
-    };
-    let dlq_url = create(dlq_name, Vec::new()).await;
-    let dlq_arn = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
+    let pair = queue_with_dead_letter_queue(sqs, name, VISIBILITY_TIMEOUT, MAX_RECEIVE_COUNT)
         .await
-        .expect("queue attributes")
-        .attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .unwrap_or_default();
-    let policy =
-        format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{MAX_RECEIVE_COUNT}"}}"#);
-    let url = create(
-        name.to_string(),
-        vec![
-            (QueueAttributeName::RedrivePolicy, policy),
-            (
-                QueueAttributeName::VisibilityTimeout,
-                VISIBILITY_TIMEOUT.to_string(),
-            ),
-        ],
-    )
-    .await;
-    Queue { name, url, dlq_url }
+        .expect("create the queues");
+    Queue {
+        name,
+        url: pair.url,
+        dlq_url: pair.dlq_url,
+    }
 }
 
 /// Visible, in flight and delayed messages of the queue at `url`.
@@ -150,8 +112,7 @@ async fn main() -> ExitCode {
         config.packaging_groups.push("vod-group".into());
     }
     let group = config.packaging_groups[0].clone();
-    let bootstrap = std::env::var_os("BOOTSTRAP")
-        .map_or_else(|| workspace.join("target/debug/bootstrap"), PathBuf::from);
+    let bootstrap = bootstrap_binary();
     if !bootstrap.exists() {
         eprintln!(
             "make up: {} not found (make up builds it with cargo build --bin bootstrap)",
@@ -167,14 +128,7 @@ async fn main() -> ExitCode {
     }
 
     let moto = Moto::start().await;
-    let sqs = aws_sdk_sqs::Client::from_conf(
-        aws_sdk_sqs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(moto.url())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .build(),
-    );
+    let sqs = local_client(moto.url());
     let queues = [
         create_queues(&sqs, "ingest").await,
         create_queues(&sqs, "ingest.fifo").await,

@@ -13,11 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_sqs::types::QueueAttributeName;
 use mpvod_bench::process::ProcessInstance;
-use mpvod_bench::sqs::SqsSource;
-use mpvod_bench::{drain, DrainReport, Function, Mapping};
+use mpvod_bench::sqs::{local_client, queue_with_dead_letter_queue, QueuePair, SqsSource};
+use mpvod_bench::{bootstrap_binary, drain, DrainReport, Function, Mapping};
 use mpvod_emulator::moto::Moto;
 use mpvod_emulator::{EmulatorConfig, RunningEmulator};
 use serde_json::Value;
@@ -25,17 +23,7 @@ use serde_json::Value;
 const ROLE: &str = "arn:aws:iam::123456789012:role/MediaPackageVodSourceRead";
 
 fn bootstrap() -> PathBuf {
-    let path = std::env::var_os("BOOTSTRAP").map_or_else(
-        || {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(
-                    || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")),
-                    PathBuf::from,
-                )
-                .join("debug/bootstrap")
-        },
-        PathBuf::from,
-    );
+    let path = bootstrap_binary();
     assert!(
         path.exists(),
         "{} not found: `make e2e` builds it (cargo build --bin bootstrap)",
@@ -111,54 +99,16 @@ impl Default for Setup {
 
 async fn stack(setup: Setup) -> Stack {
     let moto = Moto::start().await;
-    let sqs = aws_sdk_sqs::Client::from_conf(
-        aws_sdk_sqs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(moto.url())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .build(),
-    );
+    let sqs = local_client(moto.url());
     let suffix = if setup.fifo { ".fifo" } else { "" };
-    let create = |name: String, attributes: Vec<(QueueAttributeName, String)>| {
-        let sqs = sqs.clone();
-        async move {
-            let mut create = sqs.create_queue().queue_name(name);
-            for (k, v) in attributes {
-                create = create.attributes(k, v);
-            }
-            if setup.fifo {
-                create = create.attributes(QueueAttributeName::FifoQueue, "true");
-            }
-            create.send().await.unwrap().queue_url.unwrap()
-        }
-    };
-    let dlq_url = create(format!("ingest-dlq{suffix}"), Vec::new()).await;
-    let dlq_arn = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
-    let policy = format!(
-        r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{}"}}"#,
-        setup.max_receive_count
-    );
-    let url = create(
-        format!("ingest{suffix}"),
-        vec![
-            (QueueAttributeName::RedrivePolicy, policy),
-            (
-                QueueAttributeName::VisibilityTimeout,
-                setup.visibility_timeout.to_string(),
-            ),
-        ],
+    let QueuePair { url, dlq_url } = queue_with_dead_letter_queue(
+        &sqs,
+        &format!("ingest{suffix}"),
+        setup.visibility_timeout,
+        setup.max_receive_count,
     )
-    .await;
+    .await
+    .unwrap();
     let emulator = setup.emulator.spawn().await.unwrap();
     let mut env: Vec<(String, String)> = vec![
         ("AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD".into(), emulator.url()),

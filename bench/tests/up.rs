@@ -2,26 +2,10 @@
 //! request, an S3 notification, a bad one), watch them become assets or dead letters on the
 //! status line, then Ctrl-C, which stops everything the stack started.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn bootstrap() -> PathBuf {
-    std::env::var_os("BOOTSTRAP").map_or_else(
-        || {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(
-                    || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")),
-                    PathBuf::from,
-                )
-                .join("debug/bootstrap")
-        },
-        PathBuf::from,
-    )
-}
 
 /// The value after `label` on the banner line that starts with it.
 fn field(lines: &[String], label: &str) -> String {
@@ -36,7 +20,7 @@ fn field(lines: &[String], label: &str) -> String {
 async fn messages_sent_to_the_local_stack_become_assets_or_dead_letters_and_ctrl_c_stops_it() {
     let logs = std::env::temp_dir().join(format!("local-stack-{}", std::process::id()));
     let mut stack = tokio::process::Command::new(env!("CARGO_BIN_EXE_local-stack"))
-        .env("BOOTSTRAP", bootstrap())
+        .env("BOOTSTRAP", mpvod_bench::bootstrap_binary())
         .env("LOG_DIR", &logs)
         .env("INSTANCES", "1")
         .env("EMULATOR_ARGS", "--rate 50")
@@ -63,14 +47,7 @@ async fn messages_sent_to_the_local_stack_become_assets_or_dead_letters_and_ctrl
     assert!(banner.iter().any(|l| l.contains("aws --endpoint-url")));
     assert!(banner.iter().any(|l| l.contains("scripts/local.py send")));
 
-    let sqs = aws_sdk_sqs::Client::from_conf(
-        aws_sdk_sqs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .build(),
-    );
+    let sqs = mpvod_bench::sqs::local_client(&endpoint);
     let s3 = r#"{"Records":[{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"media-masters"},"object":{"key":"show/s01e02/index.m3u8"}}}]}"#;
     for body in [
         r#"{"sourceArn":"arn:aws:s3:::media-masters/show/s01e01/index.m3u8"}"#,
