@@ -508,6 +508,7 @@ fn router(state: Arc<Emulator>) -> Router {
         )
         .route("/packaging_groups/{id}", get(describe_packaging_group))
         .route("/_emulator/stats", get(stats))
+        .route("/_emulator/assets", get(all_assets))
         .fallback(unknown_operation)
         .layer(axum::middleware::from_fn(log_call))
         .with_state(state)
@@ -550,6 +551,11 @@ async fn unknown_operation(method: Method, uri: Uri) -> Response {
 
 async fn stats(State(emulator): Shared) -> axum::Json<Stats> {
     axum::Json(emulator.stats())
+}
+
+/// Every asset, in creation order, for tools: not an API call, so never throttled or counted.
+async fn all_assets(State(emulator): Shared) -> axum::Json<Value> {
+    axum::Json(json!({ "assets": emulator.assets() }))
 }
 
 /// Runs one API call: admission (latency, faults, throttling), then the operation itself.
