@@ -482,3 +482,37 @@ async fn the_two_groups_sample_makes_one_asset_in_each_group() {
     assert_ne!(assets[0].id, assets[1].id);
     assert_eq!(assets[0].source_arn, assets[1].source_arn);
 }
+
+/// A plain HTTP GET on the emulator, outside the SDK: status line and body.
+async fn http_get(emulator: &RunningEmulator, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(emulator.addr())
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn tools_read_the_assets_without_spending_the_api_rate() {
+    let emulator = emulator(EmulatorConfig::default().with_rate_limit(1.0, 1)).await;
+    let ingestor = ingestor(&emulator, test_config());
+    ingestor
+        .process_batch(&event("single.json").records, far_deadline())
+        .await;
+    let before = emulator.stats();
+    // The bucket is empty now: ListAssets would be throttled; the tools' listing is not.
+    for _ in 0..3 {
+        let (status, body) = http_get(&emulator, "/_emulator/assets").await;
+        assert!(status.contains(" 200 "), "{status}");
+        assert!(body.contains("show-s01e01"), "{body}");
+    }
+    assert_eq!(emulator.stats(), before, "not counted as API calls");
+}
