@@ -10,7 +10,7 @@ ARCH ?= arm64
 HOST_ARCH := $(shell uname -m | sed 's/aarch64/arm64/')
 RUST_TARGET_arm64 := aarch64-unknown-linux-gnu
 RUST_TARGET_x86_64 := x86_64-unknown-linux-gnu
-SAM := SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(VENV)/bin/sam
+SAM := SAM_CLI_TELEMETRY=0 $(VENV)/bin/sam
 
 .PHONY: build dev up test e2e lint validate deploy emulator invoke bench footprint venv clean
 
@@ -67,7 +67,7 @@ validate: $(VENV)/.sam-installed
 	  grep -q "Default: $$arch" .validate-$$arch.yaml || { echo "validate: no Architecture default to set" >&2; exit 1; }; \
 	  echo "==> $$arch"; \
 	  AWS_DEFAULT_REGION=us-east-1 $(VENV)/bin/cfn-lint .validate-$$arch.yaml || exit 1; \
-	  $(SAM) validate --lint --template .validate-$$arch.yaml || exit 1; \
+	  AWS_DEFAULT_REGION=us-east-1 $(SAM) validate --lint --template .validate-$$arch.yaml || exit 1; \
 	  rm -f .validate-$$arch.yaml; \
 	done
 
