@@ -71,9 +71,9 @@ validate: $(VENV)/.sam-installed
 	  rm -f .validate-$$arch.yaml; \
 	done
 
-## deploy: sam build and sam deploy with samconfig.toml (add GUIDED=1 the first time)
+## deploy: sam build (for ARCH) and sam deploy with samconfig.toml (add GUIDED=1 the first time)
 deploy: $(VENV)/.sam-installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) build
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) build --parameter-overrides Architecture=$(ARCH)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SAM) deploy $(if $(GUIDED),--guided)
 
 ## emulator: serve the MediaPackage VOD emulator in the foreground (ARGS="--rate 10")
