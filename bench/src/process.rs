@@ -43,20 +43,7 @@ impl ProcessInstance {
             })
         };
         let child = Command::new(binary)
-            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr())
-            .env("AWS_LAMBDA_FUNCTION_NAME", "mediapackage-ingest")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", name)
-            .env(
-                "AWS_LAMBDA_LOG_GROUP_NAME",
-                "/aws/lambda/mediapackage-ingest",
-            )
-            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(runtime.function_env(name))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(output(log)?)

@@ -122,24 +122,29 @@ impl SqsSource {
     }
 
     async fn counts(&self) -> Option<u64> {
-        let attributes = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
+        depth(&self.client, &self.url)
             .await
-            .ok()?
-            .attributes?;
-        Some(
-            attributes
-                .values()
-                .filter_map(|v| v.parse::<u64>().ok())
-                .sum(),
-        )
+            .map(|counts| counts.iter().sum())
     }
+}
+
+/// Visible, in flight and delayed messages of the queue at `url`; `None` if SQS does not
+/// answer.
+pub async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> Option<[u64; 3]> {
+    let names = [
+        QueueAttributeName::ApproximateNumberOfMessages,
+        QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+    ];
+    let attributes = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .set_attribute_names(Some(names.to_vec()))
+        .send()
+        .await
+        .ok()?
+        .attributes?;
+    Some(names.map(|n| attributes.get(&n).and_then(|v| v.parse().ok()).unwrap_or(0)))
 }
 
 /// A received SQS message as the Lambda event record for queue `arn`.

@@ -17,9 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use mpvod_bench::process::ProcessInstance;
-use mpvod_bench::sqs::{local_client, queue_with_dead_letter_queue, SqsSource};
+use mpvod_bench::sqs::{self, local_client, queue_with_dead_letter_queue, SqsSource};
 use mpvod_bench::{bootstrap_binary, serve, Function, Mapping, ServeCounts};
 use mpvod_emulator::cli::{parse_args, USAGE};
 use mpvod_emulator::moto::Moto;
@@ -48,23 +47,9 @@ async fn create_queues(sqs: &aws_sdk_sqs::Client, name: &'static str) -> Queue {
     }
 }
 
-/// Visible, in flight and delayed messages of the queue at `url`.
+/// Visible, in flight and delayed messages of the queue at `url` (zeros if SQS does not answer).
 async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> [u64; 3] {
-    let names = [
-        QueueAttributeName::ApproximateNumberOfMessages,
-        QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-        QueueAttributeName::ApproximateNumberOfMessagesDelayed,
-    ];
-    let attributes = sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .set_attribute_names(Some(names.to_vec()))
-        .send()
-        .await
-        .ok()
-        .and_then(|o| o.attributes)
-        .unwrap_or_default();
-    names.map(|n| attributes.get(&n).and_then(|v| v.parse().ok()).unwrap_or(0))
+    sqs::depth(sqs, url).await.unwrap_or_default()
 }
 
 fn env_or(name: &str, default: &str) -> String {

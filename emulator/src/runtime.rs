@@ -87,6 +87,31 @@ impl LocalRuntime {
         &self.addr
     }
 
+    /// The environment Lambda gives a function's process, pointing it at this Runtime API, for
+    /// instance `instance` (its log stream): the `AWS_LAMBDA_*` variables, the Region, and
+    /// credentials fit only for local stand-ins. For `Command::envs`.
+    pub fn function_env(&self, instance: &str) -> Vec<(&'static str, String)> {
+        [
+            ("AWS_LAMBDA_RUNTIME_API", self.addr.as_str()),
+            ("AWS_LAMBDA_FUNCTION_NAME", "mediapackage-ingest"),
+            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+            ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+            ("AWS_LAMBDA_LOG_STREAM_NAME", instance),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                "/aws/lambda/mediapackage-ingest",
+            ),
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
     /// Queues an invocation with `body` as its event and `timeout` as the function timeout.
     pub fn invoke(
         &self,

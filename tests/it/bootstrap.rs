@@ -29,24 +29,11 @@ async fn reply(runtime: &mut LocalRuntime) -> (String, Reply) {
     (id, reply)
 }
 
-fn bootstrap(runtime_api: &str, endpoint: &str, extra: &[(&str, &str)]) -> Child {
+fn bootstrap(runtime: &LocalRuntime, endpoint: &str, extra: &[(&str, &str)]) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bootstrap"));
     command
         .env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", runtime_api)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "mediapackage-ingest")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
-        .env(
-            "AWS_LAMBDA_LOG_GROUP_NAME",
-            "/aws/lambda/mediapackage-ingest",
-        )
-        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(runtime.function_env("local"))
         .env("AWS_ENDPOINT_URL_MEDIAPACKAGE_VOD", endpoint)
         // Nothing here is retried, so SQS is never called; a closed loopback port keeps it so.
         .env("AWS_ENDPOINT_URL_SQS", "http://127.0.0.1:9")
@@ -77,7 +64,7 @@ async fn the_bootstrap_binary_reports_only_the_bad_messages_of_the_mixed_event()
             .unwrap();
     let mut runtime = runtime_api(vec![("inv-1", mixed), ("inv-2", batch)]).await;
     let mut child = bootstrap(
-        runtime.addr(),
+        &runtime,
         &emulator.url(),
         &[("PACKAGING_GROUP_ID", "vod-group")],
     );
@@ -194,7 +181,7 @@ fn emf_documents(lines: &[Value]) -> Vec<Value> {
 async fn an_invalid_setting_fails_the_cold_start_naming_the_variable() {
     let runtime = runtime_api(Vec::new()).await;
     let child = bootstrap(
-        runtime.addr(),
+        &runtime,
         "http://127.0.0.1:9",
         &[("MAX_CONCURRENCY", "zero")],
     );
@@ -225,7 +212,7 @@ async fn the_bootstrap_binary_publishes_events_on_the_bus_its_environment_names(
             .unwrap();
     let mut runtime = runtime_api(vec![("inv-1", single)]).await;
     let mut child = bootstrap(
-        runtime.addr(),
+        &runtime,
         &emulator.url(),
         &[
             ("EVENT_BUS_NAME", "pipeline"),
