@@ -4,15 +4,20 @@
 //!
 //! Environment: `BENCH_ROWS` (comma-separated row names, default all: `cold`, `a3`, `a5`,
 //! `a20`, `b3`, `b5`, `b20`, `c5`, `slow`, `fifo`), `BENCH_STRATEGIES=ours` (this function
-//! only), `BENCH_ENV_<VAR>` (the function's variable `<VAR>`), `BENCH_TRACE=1`.
+//! only), `BENCH_RUNS` (runs of each row, default 1: with more, the strategies take turns, and
+//! a summary table gives the median and the range of each figure), `BENCH_ENV_<VAR>` (the
+//! function's variable `<VAR>`), `BENCH_TRACE=1`.
 
-use mpvod_bench::matrix::{header, line, rows, run, Outcome, Strategy};
+use mpvod_bench::matrix::{
+    header, line, rows, run, summary_header, summary_line, Outcome, Strategy, Summary,
+};
 use mpvod_ingest::config::Config;
 
 #[tokio::main]
 async fn main() {
     let wanted = std::env::var("BENCH_ROWS").ok();
     let ours_only = std::env::var("BENCH_STRATEGIES").is_ok_and(|s| s == "ours");
+    let runs = bench_runs();
     let config = bench_config();
     let mut all: Vec<Outcome> = Vec::new();
     println!("{}", header());
@@ -23,44 +28,91 @@ async fn main() {
         {
             continue;
         }
-        let mut outcomes = Vec::new();
-        for &strategy in strategies {
-            if ours_only && strategy != Strategy::Ours {
-                continue;
+        let strategies: Vec<Strategy> = strategies
+            .iter()
+            .copied()
+            .filter(|&s| !ours_only || s == Strategy::Ours)
+            .collect();
+        for turn in 1..=runs {
+            let mut outcomes = Vec::new();
+            for &strategy in &strategies {
+                eprintln!(
+                    "running {} with {} (run {turn} of {runs})",
+                    row.name,
+                    strategy.label()
+                );
+                let outcome = run(&row, strategy, &config).await;
+                println!("{}", line(&outcome));
+                outcomes.push(outcome);
             }
-            eprintln!("running {} with {}", row.name, strategy.label());
-            let outcome = run(&row, strategy, &config).await;
-            println!("{}", line(&outcome));
-            outcomes.push(outcome);
+            compare(&outcomes);
+            all.extend(outcomes);
         }
-        let ours = &outcomes[0];
-        for other in &outcomes[1..] {
-            println!(
-                "{:<6}   {} against this function: drain {:.2}x, billed {:.2}x",
-                row.name,
-                other.strategy.label(),
-                other.report.drain_time.as_secs_f64() / ours.report.drain_time.as_secs_f64(),
-                other.report.billed.as_secs_f64() / ours.report.billed.as_secs_f64(),
-            );
-        }
-        if !ours.function_dead_letters.is_empty() {
-            println!(
-                "{:<6}   this function's dead letters by code: {:?}",
-                row.name, ours.function_dead_letters
-            );
-        }
-        let rates: Vec<String> = ours.rates.iter().map(|r| format!("{r:.1}")).collect();
-        println!(
-            "{:<6}   limiter rates at the end: {} req/s",
-            row.name,
-            rates.join(", ")
-        );
-        all.extend(outcomes);
     }
     println!();
     println!("{}", header());
     for outcome in &all {
         println!("{}", line(outcome));
+    }
+    if runs > 1 {
+        println!();
+        println!("median (least-most) over {runs} runs of each row");
+        println!("{}", summary_header());
+        let mut groups: Vec<(&str, Strategy)> = Vec::new();
+        for o in &all {
+            if !groups.contains(&(o.row.name, o.strategy)) {
+                groups.push((o.row.name, o.strategy));
+            }
+        }
+        for (row, strategy) in groups {
+            let runs: Vec<&Outcome> = all
+                .iter()
+                .filter(|o| o.row.name == row && o.strategy == strategy)
+                .collect();
+            if let Some(summary) = Summary::of(&runs) {
+                println!("{}", summary_line(&summary));
+            }
+        }
+    }
+}
+
+/// The baselines against this function, and what it dead-lettered, for one run of one row.
+fn compare(outcomes: &[Outcome]) {
+    let Some(ours) = outcomes.first() else {
+        return;
+    };
+    let name = ours.row.name;
+    for other in &outcomes[1..] {
+        println!(
+            "{:<6}   {} against this function: drain {:.2}x, billed {:.2}x",
+            name,
+            other.strategy.label(),
+            other.report.drain_time.as_secs_f64() / ours.report.drain_time.as_secs_f64(),
+            other.report.billed.as_secs_f64() / ours.report.billed.as_secs_f64(),
+        );
+    }
+    if !ours.function_dead_letters.is_empty() {
+        println!(
+            "{:<6}   this function's dead letters by code: {:?}",
+            name, ours.function_dead_letters
+        );
+    }
+    let rates: Vec<String> = ours.rates.iter().map(|r| format!("{r:.1}")).collect();
+    println!(
+        "{:<6}   limiter rates at the end: {} req/s",
+        name,
+        rates.join(", ")
+    );
+}
+
+/// `BENCH_RUNS`: how many times each row runs (1 to 100, default 1).
+fn bench_runs() -> usize {
+    match std::env::var("BENCH_RUNS") {
+        Err(_) => 1,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n @ 1..=100) => n,
+            _ => panic!("BENCH_RUNS={v:?}: expected a whole number of runs from 1 to 100"),
+        },
     }
 }
 

@@ -377,3 +377,223 @@ pub fn line(o: &Outcome) -> String {
         if o.report.drained { "" } else { "  (not drained)" }
     )
 }
+
+/// One figure over several runs: the least, the median and the most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// The least value.
+    pub min: f64,
+    /// The median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// The most.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`; `None` if there are none.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Self> {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n {
+            0 => return None,
+            _ if n % 2 == 1 => values[n / 2],
+            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Some(Self {
+            min: values[0],
+            median,
+            max: values[n - 1],
+        })
+    }
+}
+
+/// Several runs of one strategy on one row (`BENCH_RUNS`): the spread of the figures that vary
+/// from run to run, and the worst or the total of those that must hold in every run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The row.
+    pub row: Row,
+    /// The strategy.
+    pub strategy: Strategy,
+    /// How many runs.
+    pub runs: usize,
+    /// Drain time over the ideal.
+    pub x_ideal: Spread,
+    /// Throttled calls, percent of all calls.
+    pub throttled_percent: Spread,
+    /// Billed seconds.
+    pub billed: Spread,
+    /// Mean receives per message.
+    pub mean_receives: Spread,
+    /// The most times one message was received, over every run.
+    pub max_receives: u32,
+    /// Valid messages dead-lettered by the queue, over every run.
+    pub queue_dead_lettered: usize,
+    /// Messages the function dead-lettered, over every run.
+    pub function_dead_letters: usize,
+    /// Invocation timeouts, over every run.
+    pub timeouts: u64,
+    /// Messages lost, over every run.
+    pub lost: usize,
+    /// Runs that did not empty the queue.
+    pub not_drained: usize,
+    /// FIFO rows: runs that broke a group's order.
+    pub order_broken: Option<usize>,
+}
+
+impl Summary {
+    /// Sums up `outcomes`, runs of one strategy on one row; `None` if there are none.
+    pub fn of(outcomes: &[&Outcome]) -> Option<Self> {
+        let first = outcomes.first()?;
+        let spread = |figure: fn(&Outcome) -> f64| {
+            Spread::of(outcomes.iter().map(|o| figure(o))).expect("at least one run")
+        };
+        Some(Self {
+            row: first.row,
+            strategy: first.strategy,
+            runs: outcomes.len(),
+            x_ideal: spread(Outcome::x_ideal),
+            throttled_percent: spread(Outcome::throttled_percent),
+            billed: spread(|o| o.report.billed.as_secs_f64()),
+            mean_receives: spread(|o| o.mean_receives),
+            max_receives: outcomes.iter().map(|o| o.max_receives).max().unwrap_or(0),
+            queue_dead_lettered: outcomes.iter().map(|o| o.queue_dead_lettered).sum(),
+            function_dead_letters: outcomes
+                .iter()
+                .map(|o| o.function_dead_letters.values().sum::<usize>())
+                .sum(),
+            timeouts: outcomes.iter().map(|o| o.report.timeouts).sum(),
+            lost: outcomes.iter().map(|o| o.lost).sum(),
+            not_drained: outcomes.iter().filter(|o| !o.report.drained).count(),
+            order_broken: first.order_kept.map(|_| {
+                outcomes
+                    .iter()
+                    .filter(|o| o.order_kept == Some(false))
+                    .count()
+            }),
+        })
+    }
+}
+
+/// The header of the summary table: median, and least to most in brackets.
+pub fn summary_header() -> String {
+    format!(
+        "{:<6} {:<26} {:>4} {:>18} {:>18} {:>22} {:>6} {:>6} {:>5} {:>6} {:>5} {:>4} {:>6} {:>6}",
+        "row",
+        "strategy",
+        "runs",
+        "x ideal",
+        "429 %",
+        "billed s",
+        "rcv",
+        "maxrcv",
+        "qDLQ",
+        "fnDLQ",
+        "tmout",
+        "lost",
+        "undrnd",
+        "broken"
+    )
+}
+
+/// One line of the summary table.
+pub fn summary_line(s: &Summary) -> String {
+    let spread = |s: Spread, decimals: usize| {
+        format!(
+            "{:.d$} ({:.d$}-{:.d$})",
+            s.median,
+            s.min,
+            s.max,
+            d = decimals
+        )
+    };
+    format!(
+        "{:<6} {:<26} {:>4} {:>18} {:>18} {:>22} {:>6.2} {:>6} {:>5} {:>6} {:>5} {:>4} {:>6} {:>6}",
+        s.row.name,
+        s.strategy.label(),
+        s.runs,
+        spread(s.x_ideal, 2),
+        spread(s.throttled_percent, 1),
+        spread(s.billed, 1),
+        s.mean_receives.median,
+        s.max_receives,
+        s.queue_dead_lettered,
+        s.function_dead_letters,
+        s.timeouts,
+        s.lost,
+        s.not_drained,
+        s.order_broken.map_or("-".to_string(), |n| n.to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spread_has_the_least_the_median_and_the_most() {
+        let odd = Spread::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((odd.min, odd.median, odd.max), (1.0, 2.0, 3.0));
+        let even = Spread::of([4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!((even.min, even.median, even.max), (1.0, 2.5, 4.0));
+        assert_eq!(Spread::of([]), None);
+    }
+
+    fn outcome(drain_s: f64, billed_s: f64, max_receives: u32, lost: usize) -> Outcome {
+        Outcome {
+            row: A,
+            strategy: Strategy::Ours,
+            report: DrainReport {
+                drain_time: Duration::from_secs_f64(drain_s),
+                drained: lost == 0,
+                billed: Duration::from_secs_f64(billed_s),
+                ..DrainReport::default()
+            },
+            stats: Stats {
+                requests: 100,
+                throttled: 5,
+                ..Stats::default()
+            },
+            assets: A.messages - lost,
+            mean_receives: 2.0,
+            max_receives,
+            queue_dead_lettered: 0,
+            function_dead_letters: BTreeMap::from([("RetriesExhausted".to_string(), 1)]),
+            lost,
+            visibility_changes: 0,
+            order_kept: None,
+            rates: vec![],
+        }
+    }
+
+    #[test]
+    fn a_summary_keeps_the_worst_of_what_must_hold_in_every_run() {
+        let ideal = A.ideal().as_secs_f64();
+        let runs = [
+            outcome(ideal, 10.0, 3, 0),
+            outcome(2.0 * ideal, 30.0, 4, 2),
+            outcome(1.5 * ideal, 20.0, 2, 0),
+        ];
+        let s = Summary::of(&runs.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(s.runs, 3);
+        assert_eq!(
+            (s.x_ideal.min, s.x_ideal.median, s.x_ideal.max),
+            (1.0, 1.5, 2.0)
+        );
+        assert_eq!(s.billed.median, 20.0);
+        assert_eq!(s.throttled_percent.median, 5.0);
+        // One bad run shows, whatever the others did.
+        assert_eq!(s.max_receives, 4);
+        assert_eq!(s.lost, 2);
+        assert_eq!(s.not_drained, 1);
+        assert_eq!(s.function_dead_letters, 3);
+        assert_eq!(s.order_broken, None);
+        assert!(
+            summary_line(&s).contains("1.50 (1.00-2.00)"),
+            "{}",
+            summary_line(&s)
+        );
+        assert_eq!(Summary::of(&[]).map(|s| s.runs), None);
+    }
+}
