@@ -20,6 +20,7 @@ async fn main() {
     let runs = bench_runs();
     let config = bench_config();
     let mut all: Vec<Outcome> = Vec::new();
+    let mut summaries: Vec<Summary> = Vec::new();
     println!("{}", header());
     for (row, strategies) in rows() {
         if wanted
@@ -33,6 +34,7 @@ async fn main() {
             .copied()
             .filter(|&s| !ours_only || s == Strategy::Ours)
             .collect();
+        let first = all.len();
         for turn in 1..=runs {
             let mut outcomes = Vec::new();
             for &strategy in &strategies {
@@ -48,6 +50,13 @@ async fn main() {
             compare(&outcomes);
             all.extend(outcomes);
         }
+        for &strategy in &strategies {
+            let runs: Vec<&Outcome> = all[first..]
+                .iter()
+                .filter(|o| o.strategy == strategy)
+                .collect();
+            summaries.extend(Summary::of(&runs));
+        }
     }
     println!();
     println!("{}", header());
@@ -58,20 +67,8 @@ async fn main() {
         println!();
         println!("median (least-most) over {runs} runs of each row");
         println!("{}", summary_header());
-        let mut groups: Vec<(&str, Strategy)> = Vec::new();
-        for o in &all {
-            if !groups.contains(&(o.row.name, o.strategy)) {
-                groups.push((o.row.name, o.strategy));
-            }
-        }
-        for (row, strategy) in groups {
-            let runs: Vec<&Outcome> = all
-                .iter()
-                .filter(|o| o.row.name == row && o.strategy == strategy)
-                .collect();
-            if let Some(summary) = Summary::of(&runs) {
-                println!("{}", summary_line(&summary));
-            }
+        for summary in &summaries {
+            println!("{}", summary_line(summary));
         }
     }
 }
