@@ -15,6 +15,17 @@
 //! has read over the last [`WINDOW`]; the drain rate is the fall from the oldest of them to the
 //! newest. With no fall to measure (too little history, or a backlog steady or growing), it
 //! gives no estimate, and the limiter's booking decides as before.
+//!
+//! The spread uses the highest drain rate the gauge has measured over at least [`PEAK_SPAN`]
+//! within the last [`PEAK_MEMORY`], if that is higher than the last ten seconds'. The rate of
+//! the moment is a poor guide at both ends of a backlog: at the start it still counts the
+//! seconds the instances spent finding the quota, and near the end the backlog drains slower
+//! because messages handed back earlier are still away. Spreading over the rate of the moment
+//! then feeds on itself: a slower drain lengthens the spreads, which slows the drain further,
+//! and the API idles while the last messages come back. A rate the API has already sustained
+//! for seconds is one it can sustain again. Spreading too short is safe: a message that comes
+//! back too early is handed back again or waits for its slot. The peak is forgotten once the
+//! queue is seen empty, so the next backlog starts from its own rate.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -32,52 +43,95 @@ pub const READ_EVERY: Duration = Duration::from_secs(1);
 pub const OVERBOOK: f64 = 1.5;
 /// The spread is never shorter than this (SQS visibility counts whole seconds).
 pub const MIN_SPREAD: Duration = Duration::from_secs(1);
+/// The least span a drain rate must be measured over to count as a peak.
+pub const PEAK_SPAN: Duration = Duration::from_secs(4);
+/// How long a peak drain rate is remembered.
+pub const PEAK_MEMORY: Duration = Duration::from_secs(60);
 
-/// Depth readings per queue, kept across warm invocations; see the module documentation.
+/// Depth readings per queue, and the drain rates measured from them, kept across warm
+/// invocations; see the module documentation.
 #[derive(Debug, Default)]
 pub struct DrainGauge {
-    readings: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Depths read over the last [`WINDOW`].
+    readings: VecDeque<(Instant, u64)>,
+    /// Drain rates measured over at least [`PEAK_SPAN`], over the last [`PEAK_MEMORY`].
+    rates: VecDeque<(Instant, f64)>,
+}
+
+impl Queue {
+    /// The fall in depth per second from the oldest reading within [`WINDOW`] of `now` to the
+    /// newest, if it is measured over at least `span` and the depth fell.
+    fn drain_rate(&self, now: Instant, span: Duration) -> Option<f64> {
+        let (first_at, first) = self
+            .readings
+            .iter()
+            .find(|(at, _)| now.saturating_duration_since(*at) <= WINDOW)?;
+        let (last_at, last) = self.readings.back()?;
+        let measured = last_at.saturating_duration_since(*first_at);
+        (measured >= span && last < first).then(|| (first - last) as f64 / measured.as_secs_f64())
+    }
 }
 
 impl DrainGauge {
     /// Whether the depth of `queue` is due to be read again at `now`.
     pub fn due(&self, queue: &str, now: Instant) -> bool {
-        let readings = self.readings.lock().expect("drain gauge");
-        readings
+        let queues = self.queues.lock().expect("drain gauge");
+        queues
             .get(queue)
-            .and_then(VecDeque::back)
+            .and_then(|q| q.readings.back())
             .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= READ_EVERY)
     }
 
     /// Records that `queue` held `depth` messages (visible, in flight and delayed) at `now`.
     pub fn observe(&self, queue: &str, now: Instant, depth: u64) {
-        let mut readings = self.readings.lock().expect("drain gauge");
-        let series = readings.entry(queue.to_string()).or_default();
-        series.push_back((now, depth));
-        while series
+        let mut queues = self.queues.lock().expect("drain gauge");
+        let q = queues.entry(queue.to_string()).or_default();
+        if depth == 0 {
+            // The backlog is gone: the next one is measured afresh.
+            q.readings.clear();
+            q.rates.clear();
+        }
+        q.readings.push_back((now, depth));
+        while q
+            .readings
             .front()
             .is_some_and(|(at, _)| now.saturating_duration_since(*at) > WINDOW)
         {
-            series.pop_front();
+            q.readings.pop_front();
+        }
+        if let Some(rate) = q.drain_rate(now, PEAK_SPAN) {
+            q.rates.push_back((now, rate));
+        }
+        while q
+            .rates
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > PEAK_MEMORY)
+        {
+            q.rates.pop_front();
         }
     }
 
     /// The time over which to spread the messages handed back to `queue` at `now`: the
-    /// backlog's latest depth over `OVERBOOK` times its drain rate, at least [`MIN_SPREAD`];
-    /// `None` without a fall to measure.
+    /// backlog's latest depth over `OVERBOOK` times its drain rate (the last ten seconds', or
+    /// the peak of the last minute if higher), at least [`MIN_SPREAD`]; `None` without a fall
+    /// to measure now.
     pub fn spread(&self, queue: &str, now: Instant) -> Option<Duration> {
-        let readings = self.readings.lock().expect("drain gauge");
-        let series = readings.get(queue)?;
-        let (first_at, first) = series
+        let queues = self.queues.lock().expect("drain gauge");
+        let q = queues.get(queue)?;
+        let rate = q.drain_rate(now, MIN_SPAN)?;
+        let peak = q
+            .rates
             .iter()
-            .find(|(at, _)| now.saturating_duration_since(*at) <= WINDOW)?;
-        let (last_at, last) = series.back()?;
-        let span = last_at.saturating_duration_since(*first_at);
-        if span < MIN_SPAN || last >= first {
-            return None;
-        }
-        let rate = (first - last) as f64 / span.as_secs_f64();
-        let seconds = *last as f64 / (OVERBOOK * rate);
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= PEAK_MEMORY)
+            .map(|(_, rate)| *rate)
+            .fold(rate, f64::max);
+        let (_, last) = q.readings.back()?;
+        let seconds = *last as f64 / (OVERBOOK * peak);
         Some(Duration::from_secs_f64(seconds.min(1e9)).max(MIN_SPREAD))
     }
 }
@@ -132,6 +186,54 @@ mod tests {
         assert_eq!(gauge.spread(Q, at(t0, 25.0)).unwrap().as_millis(), 16_666);
         // A reading older than the window by the time it is asked for is not used either.
         assert_eq!(gauge.spread(Q, at(t0, 31.0)), None);
+    }
+
+    #[test]
+    fn a_slower_drain_now_spreads_over_the_peak_rate_of_the_last_minute() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        // 20/s for four seconds, then 5/s.
+        for second in 0..=4 {
+            gauge.observe(Q, at(t0, second as f64), 1000 - 20 * second);
+        }
+        for second in 5..=14 {
+            gauge.observe(Q, at(t0, second as f64), 920 - 5 * (second - 4));
+        }
+        // The last ten seconds drained 5/s (870 left: 116 s at 7.5/s), but 20/s was
+        // sustained for four seconds within the minute: 870 / 30 = 29 s.
+        assert_eq!(gauge.spread(Q, at(t0, 14.0)).unwrap().as_millis(), 29_000);
+        // A minute later the peak is forgotten and the rate of the moment applies again.
+        for second in 15..=80 {
+            gauge.observe(Q, at(t0, second as f64), 870 - 5 * (second - 14));
+        }
+        // 540 left at 5/s: 540 / 7.5 = 72 s.
+        assert_eq!(gauge.spread(Q, at(t0, 80.0)).unwrap().as_millis(), 72_000);
+    }
+
+    #[test]
+    fn a_fall_shorter_than_the_peak_span_is_no_peak_and_an_empty_queue_forgets_it() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        // 100 messages gone in three seconds, then 1/s: the burst is never measured over
+        // four seconds on its own; the peak is the first four seconds, which include it.
+        gauge.observe(Q, t0, 400);
+        gauge.observe(Q, at(t0, 3.0), 300);
+        gauge.observe(Q, at(t0, 4.0), 299);
+        gauge.observe(Q, at(t0, 14.0), 289);
+        // The window now holds 4.0 to 14.0 (1/s); the peak 101 / 4 = 25.25/s.
+        let spread = gauge.spread(Q, at(t0, 14.0)).unwrap();
+        assert_eq!(spread.as_millis(), (289_000.0 / (1.5 * 25.25)) as u128);
+        // The queue empties; a new backlog starts with no peak.
+        gauge.observe(Q, at(t0, 20.0), 0);
+        gauge.observe(Q, at(t0, 21.0), 500);
+        gauge.observe(Q, at(t0, 23.0), 490);
+        // Measured from the oldest reading in the window (0 at 20 s), the depth grew: no
+        // estimate.
+        assert_eq!(gauge.spread(Q, at(t0, 23.0)), None);
+        gauge.observe(Q, at(t0, 31.0), 450);
+        // The reading of 0 is over ten seconds old: 500 to 450 in 10 s is 5/s, and the
+        // earlier peak (25.25/s) is gone: 450 / 7.5 = 60 s.
+        assert_eq!(gauge.spread(Q, at(t0, 31.0)).unwrap().as_millis(), 60_000);
     }
 
     #[test]
