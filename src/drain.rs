@@ -97,23 +97,11 @@ impl DrainGauge {
             q.rates.clear();
         }
         q.readings.push_back((now, depth));
-        while q
-            .readings
-            .front()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > WINDOW)
-        {
-            q.readings.pop_front();
-        }
+        forget_older(&mut q.readings, now, WINDOW);
         if let Some(rate) = q.drain_rate(now, PEAK_SPAN) {
             q.rates.push_back((now, rate));
         }
-        while q
-            .rates
-            .front()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > PEAK_MEMORY)
-        {
-            q.rates.pop_front();
-        }
+        forget_older(&mut q.rates, now, PEAK_MEMORY);
     }
 
     /// The time over which to spread the messages handed back to `queue` at `now`: the
@@ -133,6 +121,16 @@ impl DrainGauge {
         let (_, last) = q.readings.back()?;
         let seconds = *last as f64 / (OVERBOOK * peak);
         Some(Duration::from_secs_f64(seconds.min(1e9)).max(MIN_SPREAD))
+    }
+}
+
+/// Drops the entries of `series` more than `age` older than `now`.
+fn forget_older<T>(series: &mut VecDeque<(Instant, T)>, now: Instant, age: Duration) {
+    while series
+        .front()
+        .is_some_and(|(at, _)| now.saturating_duration_since(*at) > age)
+    {
+        series.pop_front();
     }
 }
 
