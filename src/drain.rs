@@ -26,6 +26,16 @@
 //! for seconds is one it can sustain again. Spreading too short is safe: a message that comes
 //! back too early is handed back again or waits for its slot. The peak is forgotten once the
 //! queue is seen empty, so the next backlog starts from its own rate.
+//!
+//! A rate measured over the first seconds of a backlog is the least sure: it counts the
+//! instances finding the quota, and a slow start makes it low. A low rate makes a long spread,
+//! and a message handed back that far cannot be called back. In the slow runs of `make bench`'s
+//! row `a20` (300 messages, 30 s at the quota), messages handed back in the first eight seconds
+//! with spreads of up to 56 s came back after the 30 s, and the drain ended when the last of
+//! them did. So a spread is at most [`TRUST`] times as long as the gauge has watched the
+//! backlog: 12 s after three seconds, 40 s after ten. A message back too early is handed back
+//! again or waits for its slot, as above; a long backlog's spreads reach their full length
+//! within its first minute or so.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -47,6 +57,8 @@ pub const MIN_SPREAD: Duration = Duration::from_secs(1);
 pub const PEAK_SPAN: Duration = Duration::from_secs(4);
 /// How long a peak drain rate is remembered.
 pub const PEAK_MEMORY: Duration = Duration::from_secs(60);
+/// A spread is at most this many times as long as the gauge has watched the backlog.
+pub const TRUST: u32 = 4;
 
 /// Depth readings per queue, and the drain rates measured from them, kept across warm
 /// invocations; see the module documentation.
@@ -61,6 +73,8 @@ struct Queue {
     readings: VecDeque<(Instant, u64)>,
     /// Drain rates measured over at least [`PEAK_SPAN`], over the last [`PEAK_MEMORY`].
     rates: VecDeque<(Instant, f64)>,
+    /// Since when the depth has been read with no gap of [`WINDOW`] and no empty queue.
+    watched_since: Option<Instant>,
 }
 
 impl Queue {
@@ -96,8 +110,11 @@ impl DrainGauge {
             q.readings.clear();
             q.rates.clear();
         }
-        q.readings.push_back((now, depth));
         forget_older(&mut q.readings, now, WINDOW);
+        if q.readings.is_empty() {
+            q.watched_since = Some(now);
+        }
+        q.readings.push_back((now, depth));
         if let Some(rate) = q.drain_rate(now, PEAK_SPAN) {
             q.rates.push_back((now, rate));
         }
@@ -106,8 +123,8 @@ impl DrainGauge {
 
     /// The time over which to spread the messages handed back to `queue` at `now`: the
     /// backlog's latest depth over `OVERBOOK` times its drain rate (the last ten seconds', or
-    /// the peak of the last minute if higher), at least [`MIN_SPREAD`]; `None` without a fall
-    /// to measure now.
+    /// the peak of the last minute if higher), at most [`TRUST`] times as long as the backlog
+    /// has been watched, at least [`MIN_SPREAD`]; `None` without a fall to measure now.
     pub fn spread(&self, queue: &str, now: Instant) -> Option<Duration> {
         let queues = self.queues.lock().expect("drain gauge");
         let q = queues.get(queue)?;
@@ -119,8 +136,12 @@ impl DrainGauge {
             .map(|(_, rate)| *rate)
             .fold(rate, f64::max);
         let (_, last) = q.readings.back()?;
-        let seconds = *last as f64 / (OVERBOOK * peak);
-        Some(Duration::from_secs_f64(seconds.min(1e9)).max(MIN_SPREAD))
+        let watched = q
+            .watched_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        let seconds = (*last as f64 / (OVERBOOK * peak)).min(1e9);
+        let spread = Duration::from_secs_f64(seconds).min(watched * TRUST);
+        Some(spread.max(MIN_SPREAD))
     }
 }
 
@@ -149,11 +170,11 @@ mod tests {
         let gauge = DrainGauge::default();
         let t0 = Instant::now();
         gauge.observe(Q, t0, 1000);
-        gauge.observe(Q, at(t0, 1.0), 980);
         gauge.observe(Q, at(t0, 4.0), 920);
-        // 80 messages in 4 s: 20/s; 920 left at 30/s is 30.67 s.
-        let spread = gauge.spread(Q, at(t0, 4.0)).unwrap();
-        assert_eq!(spread.as_millis(), 30_666);
+        gauge.observe(Q, at(t0, 8.0), 840);
+        // 160 messages in 8 s: 20/s; 840 left at 30/s is 28 s.
+        let spread = gauge.spread(Q, at(t0, 8.0)).unwrap();
+        assert_eq!(spread.as_millis(), 28_000);
     }
 
     #[test]
@@ -229,9 +250,29 @@ mod tests {
         // estimate.
         assert_eq!(gauge.spread(Q, at(t0, 23.0)), None);
         gauge.observe(Q, at(t0, 31.0), 450);
-        // The reading of 0 is over ten seconds old: 500 to 450 in 10 s is 5/s, and the
-        // earlier peak (25.25/s) is gone: 450 / 7.5 = 60 s.
-        assert_eq!(gauge.spread(Q, at(t0, 31.0)).unwrap().as_millis(), 60_000);
+        gauge.observe(Q, at(t0, 36.0), 425);
+        // The readings of 21 and 23 s are over ten seconds old: 450 to 425 in 5 s is 5/s, and
+        // the earlier peak (25.25/s) is gone: 425 / 7.5 = 56.67 s.
+        assert_eq!(gauge.spread(Q, at(t0, 36.0)).unwrap().as_millis(), 56_666);
+    }
+
+    #[test]
+    fn a_spread_reaches_no_further_than_four_times_as_long_as_the_backlog_was_watched() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        // A slow start: 20 messages in 3 s, 280 left at 10/s is 28 s, but three seconds of
+        // watching are trusted for 12.
+        gauge.observe(Q, t0, 300);
+        gauge.observe(Q, at(t0, 3.0), 280);
+        assert_eq!(gauge.spread(Q, at(t0, 3.0)).unwrap().as_millis(), 12_000);
+        // Ten seconds: 6/s, 240 left at 9/s is 26.67 s, within 40.
+        gauge.observe(Q, at(t0, 10.0), 240);
+        assert_eq!(gauge.spread(Q, at(t0, 10.0)).unwrap().as_millis(), 26_666);
+        // A gap longer than the window: the watch starts again. 190 left at 9/s (the peak of
+        // the first ten seconds, 6/s, is still remembered) is 21.11 s, trusted for 12.
+        gauge.observe(Q, at(t0, 30.0), 200);
+        gauge.observe(Q, at(t0, 33.0), 190);
+        assert_eq!(gauge.spread(Q, at(t0, 33.0)).unwrap().as_millis(), 12_000);
     }
 
     #[test]
