@@ -10,7 +10,12 @@
 //! - **probing**: with no starting rate given (`probe`), the limiter does not limit at all until
 //!   the API first throttles: an instance with no evidence of a quota sends a batch's messages
 //!   at once, like TCP's initial window, bounded only by the function's concurrency. The first
-//!   429 sets the rate to half the calls it sent over the last second, and AIMD takes over;
+//!   429 sets the rate to half the calls it sent over the last second. Once every call of that
+//!   second has answered, the rate is at most the number the API accepted: instances probing
+//!   together each learn their share. The API's bucket was empty at the first 429, and the
+//!   shares add up to about its refill, so the limiter's bucket starts empty at that moment
+//!   and slots taken before the answers were in are taken again at the settled rate. Then
+//!   AIMD takes over;
 //! - **slow start**: with a starting rate given, until the first throttle, each paced success adds half a request/s, so the
 //!   rate grows exponentially (e-fold every two seconds) and an unknown quota is found in a few
 //!   seconds without several instances starting together overshooting it far;
@@ -115,6 +120,8 @@ pub struct Permit {
     at: Instant,
     paced: bool,
     probe: bool,
+    /// Taken while the probe's answers were still being counted, at a rate they may lower.
+    unsettled: bool,
 }
 
 #[derive(Debug)]
@@ -216,6 +223,7 @@ impl RateLimiter {
                 at: now,
                 paced: false,
                 probe: true,
+                unsettled: false,
             });
         }
         let interval = Duration::from_secs_f64(1.0 / state.rate);
@@ -236,6 +244,7 @@ impl RateLimiter {
                 at: slot,
                 paced,
                 probe: false,
+                unsettled: state.settling.is_some(),
             });
         }
         // Booked at the rate where the quota was last found rather than the rate now, which a
@@ -255,15 +264,29 @@ impl RateLimiter {
         Duration::from_secs_f64((self.config.burst.as_secs_f64() - 1.0 / rate).max(0.0))
     }
 
-    /// Waits for a slot no later than `latest`; see [`RateLimiter::reserve`].
+    /// When a bucket emptied at `at` lets the next call go at `rate`: one interval later.
+    fn emptied(&self, at: Instant, rate: f64) -> Instant {
+        at + self.tolerance(rate) + Duration::from_secs_f64(1.0 / rate)
+    }
+
+    /// Waits for a slot no later than `latest`; see [`RateLimiter::reserve`]. A slot taken
+    /// before the probe settled is taken again once it has, at the settled rate.
     pub async fn acquire(
         &self,
         latest: Instant,
         horizon: Duration,
     ) -> Result<Permit, Option<Duration>> {
-        let permit = self.reserve(Instant::now(), latest, horizon)?;
+        let mut permit = self.reserve(Instant::now(), latest, horizon)?;
         tokio::time::sleep_until(permit.at).await;
+        if permit.unsettled && !self.is_settling() {
+            permit = self.reserve(Instant::now(), latest, horizon)?;
+            tokio::time::sleep_until(permit.at).await;
+        }
         Ok(permit)
+    }
+
+    fn is_settling(&self) -> bool {
+        self.state.lock().expect("limiter lock").settling.is_some()
     }
 
     /// Counts an answer to a probe call (see [`Settling`]). Once every probe call sent in the
@@ -295,8 +318,12 @@ impl RateLimiter {
         settling.accepted += usize::from(accepted);
         if settling.answered >= settling.sent {
             let share = settling.accepted.max(1) as f64;
+            let cut = settling.cut;
             state.settling = None;
             state.rate = clamp(state.rate.min(share), &self.config);
+            // The bucket empty since the first throttle, at the settled rate: the slots taken
+            // meanwhile at the halved window are taken again (`acquire`).
+            state.next_send = self.emptied(state.last_cut.unwrap_or(cut), state.rate);
         }
     }
 
@@ -363,9 +390,8 @@ impl RateLimiter {
         state.rate = clamp(state.rate * self.config.decrease, &self.config);
         state.slow_start = false;
         state.last_cut = Some(now);
-        let interval = Duration::from_secs_f64(1.0 / state.rate);
         // An empty bucket: the next call waits one interval at the new rate.
-        let empty = now + self.tolerance(state.rate) + interval;
+        let empty = self.emptied(now, state.rate);
         state.next_send = state.next_send.max(empty);
     }
 }
@@ -476,6 +502,39 @@ mod tests {
         // Three of ten accepted: three instances probing a quota of ten at once each end
         // near their share instead of halving to five each, fifteen in all.
         assert_eq!(limiter.stats().rate, 3.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_taken_before_the_probe_settles_is_taken_again_at_the_settled_rate() {
+        let limiter = std::sync::Arc::new(RateLimiter::new(LimiterConfig {
+            probe: true,
+            ..LimiterConfig::default()
+        }));
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        let permits: Vec<Permit> = (0..10)
+            .map(|_| limiter.reserve(start, far, NO_HORIZON).unwrap())
+            .collect();
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let cut = Instant::now();
+        limiter.on_success(&permits[0]);
+        limiter.on_throttle(&permits[1]);
+        // A retry asks for a slot while the other answers are out: at the halved window (5/s)
+        // it would go 200 ms after the throttle.
+        let retry = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire(far, NO_HORIZON).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        for p in &permits[2..] {
+            limiter.on_throttle(p);
+        }
+        // One of ten accepted: 1/s, from a bucket emptied at the throttle.
+        assert_eq!(limiter.stats().rate, 1.0);
+        let slot = retry.await.unwrap();
+        assert_eq!(slot.at - cut, Duration::from_secs(1));
+        let next = limiter.reserve(Instant::now(), far, NO_HORIZON).unwrap();
+        assert_eq!(next.at - cut, Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
