@@ -475,8 +475,8 @@ mod tests {
         assert_eq!(next.at - now, Duration::from_millis(50));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn after_the_probe_the_rate_is_the_share_of_it_the_api_accepted() {
+    /// A probing limiter that sent ten calls at once, 50 ms ago, none answered yet.
+    async fn ten_probe_calls_answered_50ms_later() -> (RateLimiter, Vec<Permit>) {
         let limiter = RateLimiter::new(LimiterConfig {
             probe: true,
             ..LimiterConfig::default()
@@ -487,6 +487,12 @@ mod tests {
             .map(|_| limiter.reserve(now, far, NO_HORIZON).unwrap())
             .collect();
         tokio::time::advance(Duration::from_millis(50)).await;
+        (limiter, permits)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_probe_the_rate_is_the_share_of_it_the_api_accepted() {
+        let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
         // Two accepted, then the first throttle (10 sent: the rate halves to 5), then the
         // other answers: one more accepted, six throttled.
         limiter.on_success(&permits[0]);
@@ -506,16 +512,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slot_taken_before_the_probe_settles_is_taken_again_at_the_settled_rate() {
-        let limiter = std::sync::Arc::new(RateLimiter::new(LimiterConfig {
-            probe: true,
-            ..LimiterConfig::default()
-        }));
-        let start = Instant::now();
-        let far = start + Duration::from_secs(60);
-        let permits: Vec<Permit> = (0..10)
-            .map(|_| limiter.reserve(start, far, NO_HORIZON).unwrap())
-            .collect();
-        tokio::time::advance(Duration::from_millis(50)).await;
+        let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
+        let limiter = std::sync::Arc::new(limiter);
+        let far = Instant::now() + Duration::from_secs(60);
         let cut = Instant::now();
         limiter.on_success(&permits[0]);
         limiter.on_throttle(&permits[1]);
