@@ -136,9 +136,7 @@ impl DrainGauge {
             .map(|(_, rate)| *rate)
             .fold(rate, f64::max);
         let (_, last) = q.readings.back()?;
-        let watched = q
-            .watched_since
-            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        let watched = now.saturating_duration_since(q.watched_since?);
         let seconds = (*last as f64 / (OVERBOOK * peak)).min(1e9);
         let spread = Duration::from_secs_f64(seconds).min(watched * TRUST);
         Some(spread.max(MIN_SPREAD))
