@@ -1,0 +1,1142 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::events::{AssetEvent, PublishError, MAX_ENTRIES};
+use crate::mediapackage::Asset;
+use crate::message::{AssetId, RoleArn, SourceArn};
+use crate::sqs::{DeadLetter, VisibilityChange};
+
+fn request(n: usize) -> AssetRequest {
+    AssetRequest {
+        id: AssetId::parse(&format!("a{n}")).unwrap(),
+        packaging_group_id: PackagingGroupId::parse("g").unwrap(),
+        source_arn: SourceArn::parse(&format!("arn:aws:s3:::media/{n}.m3u8")).unwrap(),
+        source_role_arn: RoleArn::parse("arn:aws:iam::123456789012:role/Read").unwrap(),
+        resource_id: None,
+        tags: BTreeMap::new(),
+    }
+}
+
+fn record(id: Option<&str>) -> SqsMessage {
+    let mut m = SqsMessage::default();
+    m.message_id = id.map(str::to_string);
+    m
+}
+
+fn retry() -> Outcome {
+    Outcome::Retry(
+        Failure::new("TooManyRequestsException", "slow down"),
+        Redelivery::Backoff,
+    )
+}
+
+#[test]
+fn an_epoch_deadline_and_a_relative_one_both_give_the_time_left() {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = |d: Instant| d.saturating_duration_since(Instant::now()).as_millis();
+    let epoch = left(deadline_instant(now_ms + 30_000));
+    assert!((29_000..=30_000).contains(&epoch), "{epoch}");
+    let relative = left(deadline_instant(600_000));
+    assert!((599_000..=600_000).contains(&relative), "{relative}");
+    assert_eq!(left(deadline_instant(now_ms - 5_000)), 0);
+}
+
+#[test]
+fn only_retry_and_permanent_outcomes_are_redelivered() {
+    assert!(!Outcome::Created { assets: vec![] }.must_redeliver());
+    assert!(!Outcome::AlreadyExists { assets: vec![] }.must_redeliver());
+    assert!(retry().must_redeliver());
+    assert!(Outcome::Permanent(Failure::new("InvalidMessage", "bad")).must_redeliver());
+}
+
+#[test]
+fn the_response_lists_exactly_the_messages_to_redeliver_in_order() {
+    let records = [record(Some("a")), record(Some("b")), record(Some("c"))];
+    let outcomes = [
+        retry(),
+        Outcome::Created { assets: vec![] },
+        Outcome::Permanent(Failure::new("ForbiddenException", "no")),
+    ];
+    let response = batch_response(&records, &outcomes).unwrap();
+    let ids: Vec<_> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+}
+
+#[test]
+fn a_failed_message_without_an_id_fails_the_batch_instead_of_sending_an_empty_identifier() {
+    let records = [record(Some("a")), record(Some(""))];
+    let err = batch_response(&records, &[retry(), retry()]).unwrap_err();
+    assert_eq!(err, MissingMessageId(1));
+    let ok = batch_response(
+        &records,
+        &[retry(), Outcome::AlreadyExists { assets: vec![] }],
+    )
+    .unwrap();
+    assert_eq!(ok.batch_item_failures.len(), 1);
+}
+
+#[test]
+fn an_all_good_batch_has_an_empty_failure_list() {
+    let records = [record(Some("a"))];
+    let response = batch_response(&records, &[Outcome::AlreadyExists { assets: vec![] }]).unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(
+        serde_json::to_string(&response).unwrap(),
+        r#"{"batchItemFailures":[]}"#
+    );
+}
+
+#[test]
+fn api_errors_map_to_retry_or_permanent_by_kind() {
+    let e = |kind| ApiError::local(kind, "X", "m");
+    assert!(matches!(
+        Outcome::from_api_error(e(ErrorKind::Throttled)),
+        Outcome::Retry(_, Redelivery::Backoff)
+    ));
+    assert!(matches!(
+        Outcome::from_api_error(e(ErrorKind::Transient)),
+        Outcome::Retry(_, Redelivery::Backoff)
+    ));
+    assert!(matches!(
+        Outcome::from_api_error(e(ErrorKind::QuotaExceeded)),
+        Outcome::Retry(_, Redelivery::Quota)
+    ));
+    assert!(matches!(
+        Outcome::from_api_error(e(ErrorKind::Permanent)),
+        Outcome::Permanent(_)
+    ));
+    assert!(matches!(
+        Outcome::from_api_error(e(ErrorKind::NotFound)),
+        Outcome::Permanent(_)
+    ));
+}
+
+fn fifo(id: &str, queue: &str, group: Option<&str>) -> SqsMessage {
+    let mut m = record(Some(id));
+    m.event_source_arn = Some(queue.to_string());
+    if let Some(group) = group {
+        m.attributes
+            .insert("MessageGroupId".to_string(), group.to_string());
+    }
+    m
+}
+
+#[test]
+fn fifo_records_run_in_one_lane_per_group_and_others_alone() {
+    const FIFO: &str = "arn:aws:sqs:us-east-1:123456789012:q.fifo";
+    const STANDARD: &str = "arn:aws:sqs:us-east-1:123456789012:q";
+    let records = [
+        fifo("a1", FIFO, Some("a")),
+        fifo("b1", FIFO, Some("b")),
+        fifo("a2", FIFO, Some("a")),
+        // A standard (fair) queue's group keeps no order.
+        fifo("s1", STANDARD, Some("a")),
+        fifo("s2", STANDARD, Some("a")),
+        fifo("b2", FIFO, Some("b")),
+    ];
+    assert_eq!(lanes(&records), [vec![0, 2], vec![1, 5], vec![3], vec![4]]);
+}
+
+#[test]
+fn several_assets_in_one_body_retry_together_if_any_must() {
+    let ready = |n: usize, found: bool| {
+        let request = request(n);
+        Ready {
+            asset: Asset::of(&request),
+            request,
+            found,
+            envelope: "s3-event".into(),
+        }
+    };
+    let created = || Outcome::Created {
+        assets: vec![ready(0, false)],
+    };
+    let found = |n| Outcome::AlreadyExists {
+        assets: vec![ready(n, true)],
+    };
+    let permanent = || Outcome::Permanent(Failure::new("ForbiddenException", "no"));
+    // Every asset of the body is kept, for its event.
+    assert_eq!(
+        combine(vec![created(), found(1)]),
+        Outcome::Created {
+            assets: vec![ready(0, false), ready(1, true)]
+        }
+    );
+    assert_eq!(
+        combine(vec![found(1), found(2)]),
+        Outcome::AlreadyExists {
+            assets: vec![ready(1, true), ready(2, true)]
+        }
+    );
+    assert_eq!(combine(vec![created(), permanent()]), permanent());
+    assert_eq!(combine(vec![permanent(), retry(), created()]), retry());
+}
+
+#[test]
+fn a_kept_back_fifo_message_is_visible_again_at_once() {
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    let records = [record(Some("a")), record(Some("b"))];
+    let outcomes = [
+        retry(),
+        Outcome::Retry(
+            Failure::new("EarlierMessageFailed", "x"),
+            Redelivery::Immediate,
+        ),
+    ];
+    let delays = ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 1.0);
+    assert!(delays[0].unwrap() > 0);
+    assert_eq!(delays[1], Some(0));
+}
+
+#[test]
+fn a_message_not_booked_comes_back_within_its_horizon_and_never_past_the_backoff_ceiling() {
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    let mut fifth = record(Some("a"));
+    fifth
+        .attributes
+        .insert("ApproximateReceiveCount".into(), "5".into());
+    let records = [fifth.clone(), fifth];
+    let unbooked = |horizon| {
+        Outcome::Retry(
+            Failure::new("RateLimited", "no slot"),
+            Redelivery::Within(horizon),
+        )
+    };
+    // Fifth receive: backoff ceiling 32 s, so a 16 s horizon bounds the delay and a 12 h
+    // one is held to the ceiling.
+    let outcomes = [
+        unbooked(Duration::from_secs(16)),
+        unbooked(crate::backoff::SQS_MAX_VISIBILITY),
+    ];
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.999),
+        [Some(16), Some(32)]
+    );
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.25),
+        [Some(4), Some(8)]
+    );
+}
+
+#[test]
+fn a_message_without_a_slot_comes_back_within_the_time_its_queue_has_left() {
+    const QUEUE: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    const OTHER: &str = "arn:aws:sqs:us-east-1:123456789012:other";
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    let message = |queue: &str, receives: u32| {
+        let mut m = record(Some("a"));
+        m.event_source_arn = Some(queue.to_string());
+        m.attributes
+            .insert("ApproximateReceiveCount".into(), receives.to_string());
+        m
+    };
+    let no_slot = |redelivery| Outcome::Retry(Failure::new("RateLimited", "x"), redelivery);
+    let records = [
+        message(QUEUE, 5),
+        message(QUEUE, 5),
+        message(QUEUE, 1),
+        message(OTHER, 5),
+        message(QUEUE, 5),
+    ];
+    let outcomes = [
+        no_slot(Redelivery::After(Duration::from_secs(3))),
+        no_slot(Redelivery::Within(Duration::from_secs(16))),
+        no_slot(Redelivery::After(Duration::from_secs(1))),
+        no_slot(Redelivery::After(Duration::from_secs(3))),
+        retry(),
+    ];
+    let spreads = BTreeMap::from([(QUEUE, Duration::from_secs(10))]);
+    // The queue has 10 s left: its messages without a slot come back within that, not at
+    // their booking (3 s) or within their horizon (16 s); a first receive is still held to
+    // its 2 s backoff ceiling. Another queue's message keeps its booking, and a throttled
+    // one its backoff (ceiling 32 s).
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.999),
+        [Some(10), Some(10), Some(2), Some(3), Some(32)]
+    );
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.2),
+        [Some(2), Some(2), Some(1), Some(3), Some(7)]
+    );
+}
+
+/// SQS as a queue whose depth falls by `fall` messages per read, recording the visibility
+/// timeouts set.
+struct Draining {
+    depth: Mutex<u64>,
+    fall: u64,
+    reads: Mutex<Vec<Instant>>,
+    delays: Mutex<Vec<i32>>,
+}
+
+#[async_trait::async_trait]
+impl QueueApi for &'static Draining {
+    async fn dead_letter(&self, _: &str, _: &DeadLetter) -> Result<(), crate::sqs::QueueError> {
+        unreachable!("no dead letter expected")
+    }
+    async fn change_visibility(
+        &self,
+        _: &str,
+        changes: &[VisibilityChange],
+    ) -> Vec<Result<(), crate::sqs::QueueError>> {
+        let mut delays = self.delays.lock().unwrap();
+        delays.extend(changes.iter().map(|c| c.seconds));
+        changes.iter().map(|_| Ok(())).collect()
+    }
+    async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
+        self.reads.lock().unwrap().push(Instant::now());
+        let mut depth = self.depth.lock().unwrap();
+        *depth -= self.fall;
+        Ok(*depth)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
+    fastrand::seed(7);
+    let queue: &'static Draining = Box::leak(Box::new(Draining {
+        depth: Mutex::new(110),
+        fall: 10,
+        reads: Mutex::default(),
+        delays: Mutex::default(),
+    }));
+    let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
+    let records = batch(5);
+    let start = Instant::now();
+    let mut delays = Vec::new();
+    for step_ms in [0, 1000, 500, 500] {
+        tokio::time::advance(Duration::from_millis(step_ms)).await;
+        queue.delays.lock().unwrap().clear();
+        ingestor
+            .handle_batch(&records, Instant::now() + Duration::from_secs(60))
+            .await
+            .unwrap();
+        delays.push(queue.delays.lock().unwrap().clone());
+    }
+    // The depth is read at most once a second: at 0 s, 1 s and 2 s, not at 1.5 s.
+    let reads: Vec<u128> = queue
+        .reads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|at| (*at - start).as_millis())
+        .collect();
+    assert_eq!(reads, [0, 1000, 2000]);
+    // Under 2 s of readings, nothing to measure: the nine messages without a slot keep the
+    // limiter's bookings, 0.53-0.67 s apart from 1 s on, within their 16 s horizon.
+    assert_eq!(delays[0].len(), 9);
+    assert!(
+        delays[0].windows(2).all(|w| w[0] <= w[1]),
+        "{:?}",
+        delays[0]
+    );
+    assert!(
+        delays[0].iter().all(|d| (1..=6).contains(d)),
+        "{:?}",
+        delays[0]
+    );
+    // From 2 s on, 80 messages falling by 10/s have 80 / 15 = 5.3 s left: the messages
+    // handed back come back at random within that, whatever their booking would be.
+    for later in &delays[3..] {
+        assert_eq!(later.len(), 9);
+        assert!(later.iter().all(|d| (0..=6).contains(d)), "{later:?}");
+        assert!(
+            later.windows(2).any(|w| w[0] > w[1]),
+            "in booking order: {later:?}"
+        );
+    }
+}
+
+fn slow_config() -> Config {
+    Config {
+        initial_rate: Some(1.0),
+        burst: Duration::ZERO,
+        permit_wait: Duration::ZERO,
+        packaging_group_id: Some(crate::message::PackagingGroupId::parse("g").unwrap()),
+        source_role_arn: Some(
+            crate::message::RoleArn::parse("arn:aws:iam::123456789012:role/R").unwrap(),
+        ),
+        ..Config::default()
+    }
+}
+
+fn batch(receives: u32) -> Vec<SqsMessage> {
+    (0..10)
+        .map(|i| {
+            let mut m = record(Some(&format!("m{i}")));
+            m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
+            m.event_source_arn = Some("arn:aws:sqs:us-east-1:123456789012:ingest".into());
+            m.receipt_handle = Some(format!("rh-{i}"));
+            m.attributes
+                .insert("ApproximateReceiveCount".into(), receives.to_string());
+            m
+        })
+        .collect()
+}
+
+/// Creates every asset at once.
+struct Instant0;
+
+#[async_trait::async_trait]
+impl AssetApi for Instant0 {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+        Ok(Asset::of(request))
+    }
+    async fn describe_asset(
+        &self,
+        _: &AssetId,
+    ) -> Result<Option<crate::mediapackage::Asset>, ApiError> {
+        Ok(None)
+    }
+}
+
+fn bookings(receives: u32) -> Vec<Redelivery> {
+    let ingestor = Ingestor::new(Instant0, slow_config());
+    let records = batch(receives);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let outcomes = runtime
+        .block_on(ingestor.process_batch(&records, Instant::now() + Duration::from_secs(60)));
+    outcomes
+        .into_iter()
+        .filter_map(|o| match o {
+            Outcome::Retry(_, redelivery) => Some(redelivery),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_without_two_deliveries_to_spare_waits_for_a_slot_instead_of_being_handed_back() {
+    let config = Config {
+        max_receive_count: Some(5),
+        ..slow_config()
+    };
+    let ingestor = Ingestor::new(Instant0, config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Second receive of five: three deliveries left after a hand-back, so nine go back.
+    let second = ingestor.process_batch(&batch(2), deadline).await;
+    let handed_back = second.iter().filter(|o| o.must_redeliver()).count();
+    assert_eq!(handed_back, 9);
+    // Third: a hand-back would leave only the two kept for real failures, so every message
+    // waits its turn at the limiter's rate and is created.
+    let start = Instant::now();
+    let third = ingestor.process_batch(&batch(3), deadline).await;
+    assert!(
+        third.iter().all(|o| matches!(o, Outcome::Created { .. })),
+        "{third:?}"
+    );
+    assert!(
+        Instant::now() - start >= Duration::from_secs(3),
+        "it waited"
+    );
+}
+
+#[test]
+fn bookings_reach_no_further_than_half_the_backoff_ceiling_of_the_receive_count() {
+    // At 1 request/s, paced strictly, one message goes now (and slow start raises the rate
+    // to 1.5/s) and the others are booked from 1 s on, 0.53 s apart. A first receive
+    // (ceiling 2 s) may be booked 1 s ahead at most; the rest come back within that 1 s.
+    let first = bookings(1);
+    assert_eq!(first.len(), 9);
+    let booked: Vec<_> = first
+        .iter()
+        .filter_map(|r| match r {
+            Redelivery::After(eta) => Some(eta.as_millis()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(booked, [1000]);
+    assert_eq!(
+        first
+            .iter()
+            .filter(|r| **r == Redelivery::Within(Duration::from_secs(1)))
+            .count(),
+        8
+    );
+    // A fourth receive (ceiling 16 s) has every message booked, within 8 s.
+    let fourth = bookings(4);
+    assert!(
+        fourth
+            .iter()
+            .all(|r| matches!(r, Redelivery::After(eta) if *eta <= Duration::from_secs(8))),
+        "{fourth:?}"
+    );
+}
+
+/// MediaPackage VOD as a map, each call taking `latency`; an existing id is refused with
+/// `refusal`. Counts its calls.
+struct Fake {
+    latency: Duration,
+    refusal: ErrorKind,
+    assets: Mutex<HashMap<String, Asset>>,
+    creates: std::sync::atomic::AtomicUsize,
+    describes: std::sync::atomic::AtomicUsize,
+}
+
+impl Fake {
+    fn new(latency_ms: u64) -> Self {
+        Self {
+            latency: Duration::from_millis(latency_ms),
+            refusal: ErrorKind::Unprocessable,
+            assets: Mutex::default(),
+            creates: Default::default(),
+            describes: Default::default(),
+        }
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.creates.load(Ordering::Relaxed),
+            self.describes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl AssetApi for Fake {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+        self.creates.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.latency).await;
+        let mut assets = self.assets.lock().unwrap();
+        if assets.contains_key(request.id.as_str()) {
+            return Err(ApiError::local(self.refusal, "Refused", "exists"));
+        }
+        assets.insert(request.id.to_string(), Asset::of(request));
+        Ok(Asset::of(request))
+    }
+    async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
+        self.describes.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.latency).await;
+        Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
+    }
+}
+
+fn assert_all_created(outcomes: &[Outcome]) {
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Created { .. })),
+        "{outcomes:?}"
+    );
+}
+
+/// A limiter that has learned `rate` from a throttle and has a full bucket again.
+async fn learned(ingestor: &Ingestor<Fake>, rate: usize) {
+    let now = Instant::now();
+    let far = now + Duration::from_secs(60);
+    let permits: Vec<_> = (0..rate * 2)
+        .map(|_| ingestor.limiter.reserve(now, far, Duration::ZERO).unwrap())
+        .collect();
+    ingestor.limiter.on_throttle(&permits[0]);
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert!(!ingestor.limiter.stats().probing);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_the_default_settings_a_slow_refusal_is_still_checked_with_describe_asset() {
+    // A redelivery of an asset made before; the refusal takes 300 ms, twice the permit
+    // wait: the DescribeAsset gets a wait of its own.
+    let ingestor = Ingestor::new(Fake::new(300), slow_config_defaults());
+    learned(&ingestor, 5).await;
+    let records = batch(2);
+    let request = parse_body(records[0].body.as_deref().unwrap(), &ingestor.defaults)
+        .unwrap()
+        .requests
+        .remove(0);
+    ingestor
+        .api
+        .assets
+        .lock()
+        .unwrap()
+        .insert(request.id.to_string(), Asset::of(&request));
+    let outcomes = ingestor
+        .process_batch(&records[..1], Instant::now() + Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(&outcomes[..], [Outcome::AlreadyExists { assets }] if assets[0].found),
+        "{outcomes:?}"
+    );
+    assert_eq!(ingestor.api.counts(), (1, 1));
+}
+
+/// The default settings with a packaging group and role for the bodies of [`batch`].
+fn slow_config_defaults() -> Config {
+    Config {
+        packaging_group_id: slow_config().packaging_group_id,
+        source_role_arn: slow_config().source_role_arn,
+        ..Config::default()
+    }
+}
+
+/// One S3 event naming `n` manifests, on its `receives`th delivery.
+fn s3_body(n: usize, receives: u32) -> SqsMessage {
+    let records: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"bucket"}},"object":{{"key":"show/{i}.m3u8"}}}}}}"#
+                )
+            })
+            .collect();
+    let mut m = batch(receives).remove(0);
+    m.body = Some(format!(r#"{{"Records":[{}]}}"#, records.join(",")));
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_naming_more_objects_than_the_burst_makes_them_all_in_one_delivery() {
+    // 1 request/s, strictly paced: twelve objects need twelve seconds of slots.
+    let ingestor = Ingestor::new(Fake::new(20), slow_config());
+    let outcomes = ingestor
+        .process_batch(&[s3_body(12, 1)], Instant::now() + Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(&outcomes[..], [Outcome::Created { assets }] if !assets[0].found),
+        "{outcomes:?}"
+    );
+    assert_eq!(ingestor.api.assets.lock().unwrap().len(), 12);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_body_finds_the_objects_already_made_without_spending_create_slots() {
+    let ingestor = Ingestor::new(Fake::new(20), slow_config());
+    let first = s3_body(12, 1);
+    // Ten of the twelve were made on an earlier delivery.
+    let requests = parse_body(first.body.as_deref().unwrap(), &ingestor.defaults)
+        .unwrap()
+        .requests;
+    for request in &requests[..10] {
+        ingestor
+            .api
+            .assets
+            .lock()
+            .unwrap()
+            .insert(request.id.to_string(), Asset::of(request));
+    }
+    let outcomes = ingestor
+        .process_batch(&[s3_body(12, 2)], Instant::now() + Duration::from_secs(60))
+        .await;
+    // Each object once, for its event: ten found, two made now.
+    let [Outcome::Created { assets }] = &outcomes[..] else {
+        panic!("{outcomes:?}");
+    };
+    assert_eq!(assets.len(), 12);
+    assert_eq!(assets.iter().filter(|r| r.found).count(), 10);
+    // One DescribeAsset each, and CreateAsset only for the two missing.
+    assert_eq!(ingestor.api.counts(), (2, 12));
+}
+
+fn fifo_batch(groups: usize, per_group: usize) -> Vec<SqsMessage> {
+    let mut records = batch(1);
+    records.truncate(groups * per_group);
+    for (i, m) in records.iter_mut().enumerate() {
+        m.event_source_arn = Some("arn:aws:sqs:us-east-1:123456789012:ingest.fifo".into());
+        m.attributes
+            .insert("MessageGroupId".into(), format!("g{}", i % groups));
+    }
+    records
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_messages_wait_for_their_slot_instead_of_holding_up_their_group() {
+    // 1 request/s: a standard queue's messages would mostly be handed back.
+    let ingestor = Ingestor::new(Fake::new(20), slow_config());
+    let records = fifo_batch(3, 3);
+    let outcomes = ingestor
+        .process_batch(&records, Instant::now() + Duration::from_secs(60))
+        .await;
+    assert_all_created(&outcomes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fifo_group_failed_in_one_invocation_starts_afresh_in_the_next() {
+    let ingestor = Ingestor::new(Fake::new(20), slow_config());
+    let mut records = fifo_batch(1, 3);
+    // The head is poison: with no dead-letter queue it fails, and its group is kept back.
+    records[0].body = Some("{not json".into());
+    let first = ingestor
+        .process_batch(&records, Instant::now() + Duration::from_secs(60))
+        .await;
+    assert!(matches!(first[0], Outcome::Permanent(_)));
+    assert!(
+        matches!(&first[1], Outcome::Retry(f, Redelivery::Immediate) if f.code == "EarlierMessageFailed")
+    );
+    // The next invocation, with the rest of the group alone, does not remember the failure.
+    let second = ingestor
+        .process_batch(&records[1..], Instant::now() + Duration::from_secs(60))
+        .await;
+    assert!(
+        second.iter().all(|o| matches!(o, Outcome::Created { .. })),
+        "{second:?}"
+    );
+}
+
+#[test]
+fn a_fifo_message_is_never_kept_away_longer_than_the_fifo_cap() {
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    let mut records = fifo_batch(1, 2);
+    for r in &mut records {
+        r.attributes
+            .insert("ApproximateReceiveCount".into(), "9".into());
+    }
+    let outcomes = [
+        retry(),
+        Outcome::Retry(
+            Failure::new("TooManyRequestsException", "x"),
+            Redelivery::Quota,
+        ),
+    ];
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &BTreeMap::new(), || 0.999),
+        [Some(10), Some(10)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unthrottled_cold_instance_sends_the_whole_batch_at_once_and_hands_nothing_back() {
+    let ingestor = Ingestor::new(Fake::new(50), slow_config_defaults());
+    let start = Instant::now();
+    let outcomes = ingestor
+        .process_batch(&batch(1), start + Duration::from_secs(3))
+        .await;
+    assert_all_created(&outcomes);
+    // Ten calls of 50 ms, all at once: one round trip, not ten.
+    assert_eq!(Instant::now() - start, Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_three_second_invocation_with_a_slow_api_still_makes_its_calls() {
+    // 1.5 s per call; the margin is 600 ms of the 3 s, so a call started at once fits.
+    let ingestor = Ingestor::new(Fake::new(1500), slow_config_defaults());
+    let outcomes = ingestor
+        .process_batch(&batch(1)[..2], Instant::now() + Duration::from_secs(3))
+        .await;
+    assert_all_created(&outcomes);
+}
+
+/// A queue whose every call hangs for a minute.
+struct Hanging(Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl QueueApi for &'static Hanging {
+    async fn dead_letter(
+        &self,
+        _: &str,
+        letter: &DeadLetter,
+    ) -> Result<(), crate::sqs::QueueError> {
+        self.0.lock().unwrap().push(letter.code.clone());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(())
+    }
+    async fn change_visibility(
+        &self,
+        _: &str,
+        changes: &[VisibilityChange],
+    ) -> Vec<Result<(), crate::sqs::QueueError>> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        changes.iter().map(|_| Ok(())).collect()
+    }
+    async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_queue_cannot_keep_the_invocation_past_its_deadline() {
+    let queue: &'static Hanging = Box::leak(Box::new(Hanging(Mutex::default())));
+    let ingestor = Ingestor::new(Fake::new(20), slow_config()).with_queue(queue);
+    let mut records = batch(1);
+    records[0].body = Some("{not json".into());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(3);
+    let response = ingestor.handle_batch(&records, deadline).await.unwrap();
+    assert!(Instant::now() <= deadline, "{:?}", Instant::now() - start);
+    // The poison message was tried on the dead-letter queue before any API time; its send
+    // did not finish, so it is reported, with the eight handed back (one of the nine valid
+    // messages had the one slot a second).
+    assert_eq!(queue.0.lock().unwrap().as_slice(), ["InvalidMessage"]);
+    assert_eq!(response.batch_item_failures.len(), 1 + 8);
+}
+
+struct NoApi;
+
+#[async_trait::async_trait]
+impl AssetApi for NoApi {
+    async fn create_asset(&self, _: &AssetRequest) -> Result<Asset, ApiError> {
+        unreachable!("no call expected")
+    }
+    async fn describe_asset(
+        &self,
+        _: &AssetId,
+    ) -> Result<Option<crate::mediapackage::Asset>, ApiError> {
+        unreachable!("no call expected")
+    }
+}
+
+/// MediaPackage VOD with a quota of assets per packaging group (raised by tests).
+struct Groups {
+    quota: std::sync::atomic::AtomicUsize,
+    assets: Mutex<HashMap<String, Asset>>,
+    /// The packaging group of each CreateAsset call, in order.
+    creates: Mutex<Vec<String>>,
+}
+
+impl Groups {
+    fn new(quota: usize) -> Self {
+        Self {
+            quota: quota.into(),
+            assets: Mutex::default(),
+            creates: Mutex::default(),
+        }
+    }
+    fn in_group(&self, group: &str) -> usize {
+        let assets = self.assets.lock().unwrap();
+        assets
+            .values()
+            .filter(|a| a.packaging_group_id == group)
+            .count()
+    }
+}
+
+#[async_trait::async_trait]
+impl AssetApi for Groups {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+        let group = request.packaging_group_id.as_str();
+        self.creates.lock().unwrap().push(group.to_string());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if self
+            .assets
+            .lock()
+            .unwrap()
+            .contains_key(request.id.as_str())
+        {
+            return Err(ApiError::local(
+                ErrorKind::Unprocessable,
+                "UnprocessableEntityException",
+                "exists",
+            ));
+        }
+        if self.in_group(group) >= self.quota.load(Ordering::Relaxed) {
+            return Err(ApiError::from_response(
+                Some(429),
+                Some("TooManyRequestsException"),
+                Some("Asset quota reached. Resource limit exceeded"),
+            ));
+        }
+        let asset = Asset {
+            arn: Some(format!("arn:aws:mediapackage-vod:::assets/{}", request.id)),
+            ..Asset::of(request)
+        };
+        let mut assets = self.assets.lock().unwrap();
+        assets.insert(request.id.to_string(), asset.clone());
+        Ok(asset)
+    }
+    async fn describe_asset(&self, id: &AssetId) -> Result<Option<Asset>, ApiError> {
+        Ok(self.assets.lock().unwrap().get(id.as_str()).cloned())
+    }
+}
+
+fn quota_config(overflow: &[&str]) -> Config {
+    Config {
+        initial_rate: Some(1000.0),
+        burst: Duration::from_secs(1),
+        permit_wait: Duration::from_secs(5),
+        overflow_groups: overflow
+            .iter()
+            .map(|g| PackagingGroupId::parse(g).unwrap())
+            .collect(),
+        ..slow_config()
+    }
+}
+
+/// `n` messages for new sources, from `first` on.
+fn sources(first: usize, n: usize) -> Vec<SqsMessage> {
+    (first..first + n)
+        .map(|i| {
+            let mut m = batch(1).remove(0);
+            m.message_id = Some(format!("m{i}"));
+            m.body = Some(format!(r#"{{"sourceArn":"arn:aws:s3:::bucket/{i}.m3u8"}}"#));
+            m
+        })
+        .collect()
+}
+
+fn code(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::Retry(f, _) | Outcome::Permanent(f) | Outcome::DeadLettered(f) => &f.code,
+        Outcome::Created { .. } => "Created",
+        Outcome::AlreadyExists { .. } => "AlreadyExists",
+        Outcome::Skipped(_) => "Skipped",
+    }
+}
+
+fn codes(outcomes: &[Outcome]) -> BTreeMap<&str, usize> {
+    let mut codes = BTreeMap::new();
+    for outcome in outcomes {
+        *codes.entry(code(outcome)).or_default() += 1;
+    }
+    codes
+}
+
+#[tokio::test]
+async fn a_full_group_sends_messages_back_until_quota_max_refusals_then_dead_letters_them() {
+    let ingestor = Ingestor::new(Groups::new(0), quota_config(&[]));
+    let far = || Instant::now() + Duration::from_secs(30);
+    let outcomes = ingestor.process_batch(&sources(0, 10), far()).await;
+    // Two refusals come back after QUOTA_REDELIVERY_SECONDS; from the third on the group
+    // is taken as full and the messages go to the dead-letter queue with the reason.
+    let quota_retries = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Retry(_, Redelivery::Quota)))
+        .count();
+    assert_eq!(quota_retries, 2, "{outcomes:?}");
+    let full: Vec<&Failure> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Permanent(f) if f.code == "AssetQuotaExceeded" => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(full.len(), 8, "{outcomes:?}");
+    assert!(
+        full[0].reason.contains("packaging group g is full")
+            && full[0].reason.contains("QUOTA_MAX_REFUSALS 3")
+            && full[0].reason.contains("Resource limit exceeded"),
+        "{}",
+        full[0].reason
+    );
+    // Room again (quota raised): an asset made in the group clears its count, so a group
+    // full again later gets its QUOTA_MAX_REFUSALS again.
+    ingestor.api.quota.store(1, Ordering::Relaxed);
+    let made = ingestor.process_batch(&sources(10, 1), far()).await;
+    assert_eq!(codes(&made), BTreeMap::from([("Created", 1)]));
+    let again = ingestor.process_batch(&sources(11, 3), far()).await;
+    assert_eq!(
+        codes(&again),
+        BTreeMap::from([("AssetQuotaExceeded", 1), ("TooManyRequestsException", 2)])
+    );
+}
+
+#[tokio::test]
+async fn a_full_group_overflows_into_the_next_and_redeliveries_find_the_asset_there() {
+    let ingestor = Ingestor::new(Groups::new(3), quota_config(&["g2", "g3"]));
+    let far = || Instant::now() + Duration::from_secs(30);
+    let outcomes = ingestor.process_batch(&sources(0, 10), far()).await;
+    // Three assets per group; the tenth finds every group full and comes back later.
+    assert_eq!(
+        (
+            ingestor.api.in_group("g"),
+            ingestor.api.in_group("g2"),
+            ingestor.api.in_group("g3")
+        ),
+        (3, 3, 3)
+    );
+    assert_eq!(
+        codes(&outcomes),
+        BTreeMap::from([("Created", 9), ("TooManyRequestsException", 1)])
+    );
+    let landed: BTreeSet<&str> = outcomes
+        .iter()
+        .flat_map(|o| o.assets())
+        .map(|r| r.asset.packaging_group_id.as_str())
+        .collect();
+    assert_eq!(landed, BTreeSet::from(["g", "g2", "g3"]));
+    assert!(outcomes.iter().flat_map(|o| o.assets()).all(|r| r
+        .request
+        .packaging_group_id
+        .as_str()
+        == "g"));
+    // Known full, g and g2 are skipped: new messages try g3 alone.
+    ingestor.api.creates.lock().unwrap().clear();
+    let more = ingestor.process_batch(&sources(10, 3), far()).await;
+    assert_eq!(
+        *ingestor.api.creates.lock().unwrap(),
+        ["g3", "g3", "g3"],
+        "{more:?}"
+    );
+    assert_eq!(
+        codes(&more),
+        BTreeMap::from([("AssetQuotaExceeded", 2), ("TooManyRequestsException", 1)])
+    );
+    // A redelivered message whose asset landed in g2 finds it there: no conflict.
+    let in_g2 = outcomes
+        .iter()
+        .position(|o| {
+            o.assets()
+                .iter()
+                .any(|r| r.asset.packaging_group_id == "g2")
+        })
+        .unwrap();
+    let mut again = sources(in_g2, 1);
+    again[0]
+        .attributes
+        .insert("ApproximateReceiveCount".into(), "2".into());
+    let redelivered = ingestor.process_batch(&again, far()).await;
+    let [Outcome::AlreadyExists { assets }] = &redelivered[..] else {
+        panic!("{redelivered:?}");
+    };
+    assert_eq!(assets[0].asset.packaging_group_id, "g2");
+    assert!(assets[0].found);
+}
+
+/// An event bus that records each call and fails the entries of the given assets.
+#[derive(Default)]
+struct Bus {
+    calls: Mutex<Vec<Vec<AssetEvent>>>,
+    fail: BTreeSet<String>,
+    hang: bool,
+}
+
+#[async_trait::async_trait]
+impl EventBus for &'static Bus {
+    async fn put(
+        &self,
+        events: &[AssetEvent],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
+        self.calls.lock().unwrap().push(events.to_vec());
+        if self.hang {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok(events
+            .iter()
+            .map(|e| {
+                if self.fail.contains(&e.asset_id) {
+                    Err(PublishError {
+                        code: "InternalFailure".into(),
+                        message: "try again".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+            .collect())
+    }
+}
+
+fn leak(bus: Bus) -> &'static Bus {
+    Box::leak(Box::new(bus))
+}
+
+#[tokio::test]
+async fn every_asset_gets_an_event_in_calls_of_ten_and_a_failed_entry_retries_its_message() {
+    let probe = Ingestor::new(Groups::new(100), quota_config(&[]));
+    let records = sources(0, 25);
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| {
+            parse_body(r.body.as_deref().unwrap(), &probe.defaults)
+                .unwrap()
+                .requests[0]
+                .id
+                .to_string()
+        })
+        .collect();
+    let bus = leak(Bus {
+        fail: BTreeSet::from([ids[7].clone()]),
+        ..Bus::default()
+    });
+    let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let response = ingestor.handle_batch(&records, deadline).await.unwrap();
+    let sizes: Vec<usize> = bus.calls.lock().unwrap().iter().map(Vec::len).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 25);
+    assert!(sizes.iter().all(|&n| n <= MAX_ENTRIES), "{sizes:?}");
+    assert_eq!(sizes.len(), 3);
+    // Only the message whose event failed is redelivered; its asset exists.
+    assert_eq!(
+        response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect::<Vec<_>>(),
+        ["m7"]
+    );
+    let events: Vec<AssetEvent> = bus.calls.lock().unwrap().concat();
+    let first = events.iter().find(|e| e.message_id == "m0").unwrap();
+    assert_eq!(first.asset_id, ids[0]);
+    assert_eq!(first.packaging_group_id, "g");
+    assert_eq!(first.requested_packaging_group_id, "g");
+    assert_eq!(first.source_arn, "arn:aws:s3:::bucket/0.m3u8");
+    assert_eq!(first.envelope, "request");
+    assert!(!first.found && first.arn.is_some());
+    // Redelivered, the asset is found and its event goes out, marked as found.
+    bus.calls.lock().unwrap().clear();
+    let mut again = records[7..8].to_vec();
+    again[0]
+        .attributes
+        .insert("ApproximateReceiveCount".into(), "2".into());
+    let ok = Ingestor::new(Groups::new(100), quota_config(&[]));
+    ok.api
+        .assets
+        .lock()
+        .unwrap()
+        .extend(ingestor.api.assets.lock().unwrap().clone());
+    let bus2 = leak(Bus::default());
+    let ok = ok.with_events(bus2);
+    let response = ok.handle_batch(&again, deadline).await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    let events = bus2.calls.lock().unwrap().concat();
+    assert_eq!(events.len(), 1);
+    assert!(events[0].found && events[0].message_id == "m7");
+}
+
+#[tokio::test]
+async fn a_fifo_message_whose_event_failed_keeps_the_rest_of_its_group_back() {
+    let mut records = fifo_batch(1, 3);
+    let probe = Ingestor::new(Groups::new(100), quota_config(&[]));
+    let second = parse_body(records[1].body.as_deref().unwrap(), &probe.defaults)
+        .unwrap()
+        .requests[0]
+        .id
+        .to_string();
+    let bus = leak(Bus {
+        fail: BTreeSet::from([second]),
+        ..Bus::default()
+    });
+    let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+    records.iter_mut().for_each(|r| {
+        r.attributes
+            .insert("ApproximateReceiveCount".into(), "1".into());
+    });
+    let outcomes = ingestor
+        .process_batch(&records, Instant::now() + Duration::from_secs(30))
+        .await;
+    let outcomes = ingestor
+        .publish(&records, outcomes, Instant::now() + Duration::from_secs(5))
+        .await;
+    let codes: Vec<&str> = outcomes.iter().map(code).collect();
+    assert_eq!(
+        codes,
+        ["Created", "EventNotPublished", "EarlierMessageFailed"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bus_that_does_not_answer_cannot_hold_the_invocation_past_its_deadline() {
+    let bus = leak(Bus {
+        hang: true,
+        ..Bus::default()
+    });
+    let ingestor = Ingestor::new(Groups::new(100), quota_config(&[])).with_events(bus);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(3);
+    let response = ingestor
+        .handle_batch(&sources(0, 5), deadline)
+        .await
+        .unwrap();
+    assert!(Instant::now() <= deadline, "{:?}", Instant::now() - start);
+    // Made, but not announced: all five come back, to be found and announced.
+    assert_eq!(response.batch_item_failures.len(), 5);
+    assert_eq!(ingestor.api.in_group("g"), 5);
+}
