@@ -87,11 +87,25 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The Rust files under `dir`, in its subdirectories too.
+fn rust_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// The SDK operations called in `src/`: every `.client` followed by `.operation()`.
 fn operations_in_code() -> Vec<String> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(root().join("src")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    for path in rust_files(&root().join("src")) {
+        let text = std::fs::read_to_string(path).unwrap();
         let mut rest = text.as_str();
         while let Some(at) = rest.find(".client") {
             rest = &rest[at + ".client".len()..];
