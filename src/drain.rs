@@ -29,13 +29,17 @@
 //!
 //! A rate measured over the first seconds of a backlog is the least sure: it counts the
 //! instances finding the quota, and a slow start makes it low. A low rate makes a long spread,
-//! and a message handed back that far cannot be called back. In the slow runs of `make bench`'s
-//! row `a20` (300 messages, 30 s at the quota), messages handed back in the first eight seconds
-//! with spreads of up to 56 s came back after the 30 s, and the drain ended when the last of
-//! them did. So a spread is at most [`TRUST`] times as long as the gauge has watched the
-//! backlog: 12 s after three seconds, 40 s after ten. A message back too early is handed back
-//! again or waits for its slot, as above; a long backlog's spreads reach their full length
-//! within its first minute or so.
+//! and a message handed back that far cannot be called back. So an instance does not hand a
+//! message back for want of a slot before the gauge has an estimate: for up to [`WARM_UP`]
+//! after it first reads a backlog's depth (while it has not seen it fall for [`MIN_SPAN`]),
+//! such a message waits for its slot inside the invocation instead, and the instances drain
+//! the backlog at the rate they have found while the gauge measures it. This applies only to
+//! a queue with a receive budget, where each hand-back spends one of a few deliveries; a
+//! backlog that does not fall (traffic steadily above the quota) gives no estimate, and after
+//! [`WARM_UP`] the limiter's bookings decide as before. With the estimate made this way, the
+//! spread is not bounded further: on `make bench`, a bound of four times the time watched (the
+//! rule before the warm-up) held a 6,000-message backlog's hand-backs to the first minute or
+//! so, and its last deliveries then waited in their invocations (docs/throttling.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -57,8 +61,9 @@ pub const MIN_SPREAD: Duration = Duration::from_secs(1);
 pub const PEAK_SPAN: Duration = Duration::from_secs(4);
 /// How long a peak drain rate is remembered.
 pub const PEAK_MEMORY: Duration = Duration::from_secs(60);
-/// A spread is at most this many times as long as the gauge has watched the backlog.
-pub const TRUST: u32 = 4;
+/// How long after it first reads a backlog's depth an instance keeps messages it has no slot
+/// for, rather than hand them back before the gauge has an estimate.
+pub const WARM_UP: Duration = Duration::from_secs(10);
 
 /// Depth readings per queue, and the drain rates measured from them, kept across warm
 /// invocations; see the module documentation.
@@ -71,13 +76,21 @@ pub struct DrainGauge {
 struct Queue {
     /// Depths read over the last [`WINDOW`].
     readings: VecDeque<(Instant, u64)>,
+    /// When a read was last claimed ([`DrainGauge::claim`]).
+    claimed: Option<Instant>,
     /// Drain rates measured over at least [`PEAK_SPAN`], over the last [`PEAK_MEMORY`].
     rates: VecDeque<(Instant, f64)>,
-    /// Since when the depth has been read with no gap of [`WINDOW`] and no empty queue.
-    watched_since: Option<Instant>,
+    /// When this backlog's warm-up began: the first claim of a read since the queue was last
+    /// seen empty, or the first reading after a gap of [`WINDOW`].
+    warm_from: Option<Instant>,
 }
 
 impl Queue {
+    fn due(&self, now: Instant) -> bool {
+        let last = self.readings.back().map(|(at, _)| *at).max(self.claimed);
+        last.is_none_or(|at| now.saturating_duration_since(at) >= READ_EVERY)
+    }
+
     /// The fall in depth per second from the oldest reading within [`WINDOW`] of `now` to the
     /// newest, if it is measured over at least `span` and the depth fell.
     fn drain_rate(&self, now: Instant, span: Duration) -> Option<f64> {
@@ -92,13 +105,38 @@ impl Queue {
 }
 
 impl DrainGauge {
-    /// Whether the depth of `queue` is due to be read again at `now`.
+    /// Whether the depth of `queue` is due to be read again at `now`: read at most once per
+    /// [`READ_EVERY`], counting reads claimed and not yet recorded.
     pub fn due(&self, queue: &str, now: Instant) -> bool {
         let queues = self.queues.lock().expect("drain gauge");
-        queues
-            .get(queue)
-            .and_then(|q| q.readings.back())
-            .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= READ_EVERY)
+        queues.get(queue).is_none_or(|q| q.due(now))
+    }
+
+    /// Claims the next read of `queue`'s depth: true if it is due at `now`, and then it is not
+    /// due for anyone else until [`READ_EVERY`] has passed. Concurrent calls of one invocation
+    /// read it once.
+    pub fn claim(&self, queue: &str, now: Instant) -> bool {
+        let mut queues = self.queues.lock().expect("drain gauge");
+        let q = queues.entry(queue.to_string()).or_default();
+        let due = q.due(now);
+        if due {
+            q.claimed = Some(now);
+            q.warm_from.get_or_insert(now);
+        }
+        due
+    }
+
+    /// Whether a message of `queue` without a request slot should wait for it rather than be
+    /// handed back: less than [`WARM_UP`] has passed since the first read of this backlog's
+    /// depth was claimed (answered or not), and there is no drain rate to spread hand-backs
+    /// over yet.
+    pub fn warming(&self, queue: &str, now: Instant) -> bool {
+        let queues = self.queues.lock().expect("drain gauge");
+        queues.get(queue).is_some_and(|q| {
+            q.warm_from
+                .is_some_and(|from| now.saturating_duration_since(from) < WARM_UP)
+                && q.drain_rate(now, MIN_SPAN).is_none()
+        })
     }
 
     /// Records that `queue` held `depth` messages (visible, in flight and delayed) at `now`.
@@ -106,13 +144,15 @@ impl DrainGauge {
         let mut queues = self.queues.lock().expect("drain gauge");
         let q = queues.entry(queue.to_string()).or_default();
         if depth == 0 {
-            // The backlog is gone: the next one is measured afresh.
+            // The backlog is gone: the next one is measured afresh, and warms up again.
             q.readings.clear();
             q.rates.clear();
+            q.warm_from = None;
         }
         forget_older(&mut q.readings, now, WINDOW);
-        if q.readings.is_empty() {
-            q.watched_since = Some(now);
+        if q.readings.is_empty() && depth > 0 {
+            // Not read for a while: a new backlog, as far as this instance can tell.
+            q.warm_from = Some(now);
         }
         q.readings.push_back((now, depth));
         if let Some(rate) = q.drain_rate(now, PEAK_SPAN) {
@@ -123,8 +163,8 @@ impl DrainGauge {
 
     /// The time over which to spread the messages handed back to `queue` at `now`: the
     /// backlog's latest depth over `OVERBOOK` times its drain rate (the last ten seconds', or
-    /// the peak of the last minute if higher), at most [`TRUST`] times as long as the backlog
-    /// has been watched, at least [`MIN_SPREAD`]; `None` without a fall to measure now.
+    /// the peak of the last minute if higher), at least [`MIN_SPREAD`]; `None` without a fall to
+    /// measure now.
     pub fn spread(&self, queue: &str, now: Instant) -> Option<Duration> {
         let queues = self.queues.lock().expect("drain gauge");
         let q = queues.get(queue)?;
@@ -136,10 +176,8 @@ impl DrainGauge {
             .map(|(_, rate)| *rate)
             .fold(rate, f64::max);
         let (_, last) = q.readings.back()?;
-        let watched = now.saturating_duration_since(q.watched_since?);
         let seconds = (*last as f64 / (OVERBOOK * peak)).min(1e9);
-        let spread = Duration::from_secs_f64(seconds).min(watched * TRUST);
-        Some(spread.max(MIN_SPREAD))
+        Some(Duration::from_secs_f64(seconds).max(MIN_SPREAD))
     }
 }
 
@@ -255,22 +293,47 @@ mod tests {
     }
 
     #[test]
-    fn a_spread_reaches_no_further_than_four_times_as_long_as_the_backlog_was_watched() {
+    fn a_backlog_warms_up_until_its_fall_is_measured_and_ten_seconds_at_most() {
         let gauge = DrainGauge::default();
         let t0 = Instant::now();
-        // A slow start: 20 messages in 3 s, 280 left at 10/s is 28 s, but three seconds of
-        // watching are trusted for 12.
+        assert!(!gauge.warming(Q, t0), "never read: nothing to wait for");
+        assert!(gauge.claim(Q, t0));
+        assert!(gauge.warming(Q, t0), "a read under way");
         gauge.observe(Q, t0, 300);
-        gauge.observe(Q, at(t0, 3.0), 280);
-        assert_eq!(gauge.spread(Q, at(t0, 3.0)).unwrap().as_millis(), 12_000);
-        // Ten seconds: 6/s, 240 left at 9/s is 26.67 s, within 40.
-        gauge.observe(Q, at(t0, 10.0), 240);
-        assert_eq!(gauge.spread(Q, at(t0, 10.0)).unwrap().as_millis(), 26_666);
-        // A gap longer than the window: the watch starts again. 190 left at 9/s (the peak of
-        // the first ten seconds, 6/s, is still remembered) is 21.11 s, trusted for 12.
-        gauge.observe(Q, at(t0, 30.0), 200);
-        gauge.observe(Q, at(t0, 33.0), 190);
-        assert_eq!(gauge.spread(Q, at(t0, 33.0)).unwrap().as_millis(), 12_000);
+        assert!(gauge.warming(Q, at(t0, 1.0)));
+        gauge.observe(Q, at(t0, 1.5), 290);
+        assert!(gauge.warming(Q, at(t0, 1.5)), "1.5 s of history");
+        // Two seconds of falling depth: an estimate, and no more waiting. Without the old
+        // bound, 280 left at 15/s is 18.67 s, though the backlog was watched for two.
+        gauge.observe(Q, at(t0, 2.0), 280);
+        assert!(!gauge.warming(Q, at(t0, 2.0)));
+        assert_eq!(gauge.spread(Q, at(t0, 2.0)).unwrap().as_millis(), 18_666);
+        // A backlog that does not fall gives no estimate, nor does a depth that cannot be
+        // read: the wait ends ten seconds after the first reading or claim all the same.
+        for second in 0..=10 {
+            gauge.observe("steady", at(t0, second as f64), 500);
+            assert!(gauge.claim("unreadable", at(t0, second as f64)));
+            for queue in ["steady", "unreadable"] {
+                assert_eq!(gauge.warming(queue, at(t0, second as f64)), second < 10);
+            }
+        }
+        // Once the queue is seen empty, the next backlog warms up again.
+        gauge.observe("steady", at(t0, 11.0), 0);
+        assert!(gauge.claim("steady", at(t0, 12.0)));
+        gauge.observe("steady", at(t0, 12.0), 200);
+        assert!(gauge.warming("steady", at(t0, 12.5)));
+    }
+
+    #[test]
+    fn concurrent_callers_claim_one_read_a_second() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        assert!(gauge.claim(Q, t0));
+        assert!(!gauge.claim(Q, t0), "claimed, not yet read");
+        assert!(!gauge.due(Q, at(t0, 0.5)));
+        gauge.observe(Q, at(t0, 0.1), 10);
+        assert!(!gauge.claim(Q, at(t0, 0.9)));
+        assert!(gauge.claim(Q, at(t0, 1.1)));
     }
 
     #[test]

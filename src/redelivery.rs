@@ -16,6 +16,11 @@
 //!   that, it waits for its slot inside the invocation: billed, but never dead-lettered for
 //!   the function's own pacing. At `maxReceiveCount` 3 no message is ever handed back; at 5, at
 //!   most twice.
+//! - **No hand-back before the backlog's drain rate is known.** With a receive budget, a
+//!   message without a slot waits for it while its queue's backlog warms up (up to ten seconds
+//!   from the first reading of its depth, until its fall is measured: [`crate::drain`]); after
+//!   that each hand-back goes at a random time within the time the backlog has left, however
+//!   far that is, so the few hand-backs a message has are made from a measured rate.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
@@ -105,16 +110,19 @@ pub enum Reach {
     /// No receive budget known: within the backoff ceiling of its receive count (booked within
     /// half of it), since it may come back many times.
     Ceiling,
-    /// With a receive budget, each hand-back is one of few: within [`BUDGETED_REACH`] times
-    /// that ceiling (booked within half of it).
+    /// With a receive budget, each hand-back is one of few: as far as the backlog lasts once
+    /// the queue's drain rate is known ([`crate::drain`]), before that within
+    /// [`BUDGETED_REACH`] times that ceiling (booked within half of it).
     Budgeted,
 }
 
-/// How many backoff ceilings a hand-back of a message with a receive budget may reach. Measured
-/// on `make bench` (docs/throttling.md): 1, 4 and 8 drain scenarios A and B of the matrix alike,
-/// within noise; unbounded (as far as the queue's depth says the backlog lasts) bills a fifth
-/// as much but drains B in 1.6 to 4 times the ideal, since the instances starve and AIMD never
-/// raises their rates again.
+/// How many backoff ceilings a hand-back of a message with a receive budget may reach before
+/// the queue's drain rate is known. Measured on `make bench` (docs/throttling.md): 1, 4 and 8
+/// drain scenarios A and B of the matrix alike, within noise. Once the rate is known the
+/// spread alone decides: the instances wait for their slots until then
+/// ([`crate::drain::WARM_UP`]), so the rate is measured on a backlog drained at the quota. (An
+/// unbounded reach without that warm-up drained B in 1.6 to 4 times the ideal: hand-backs made
+/// from the rate of the first seconds went too far.)
 pub const BUDGETED_REACH: u32 = 8;
 
 /// What decides how long one call may wait for its request slot.
@@ -171,8 +179,9 @@ impl Delays {
     /// ([`crate::drain::DrainGauge::spread`]); `reach` says how far a hand-back may go
     /// ([`Budget::reach`]); `unit` in `[0, 1)` draws the jitter.
     ///
-    /// With a receive budget, a hand-back reaches [`BUDGETED_REACH`] backoff ceilings instead of
-    /// one: each of its few hand-backs should bring it back when there is room.
+    /// With a receive budget, a hand-back reaches as far as the spread says, or
+    /// [`BUDGETED_REACH`] backoff ceilings without one, instead of one ceiling: each of its few
+    /// hand-backs should bring it back when there is room.
     pub fn delay(
         &self,
         redelivery: Redelivery,
@@ -189,10 +198,12 @@ impl Delays {
             .min(backoff.cap);
         let jitter = |within: Duration| within.min(reach_cap).mul_f64(unit.clamp(0.0, 1.0));
         let delay = match (redelivery, spread) {
+            // As far as the backlog lasts: the gauge's estimate is made once the instances
+            // have drained it for a while (`crate::drain::WARM_UP`).
             (Redelivery::After(_) | Redelivery::Within(_), Some(spread))
                 if reach == Reach::Budgeted =>
             {
-                jitter(spread)
+                spread.mul_f64(unit.clamp(0.0, 1.0))
             }
             (Redelivery::Within(horizon), None) if reach == Reach::Budgeted => jitter(horizon),
             // Spread over the time the backlog has left, like every other instance's
@@ -336,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn with_a_receive_budget_a_hand_back_reaches_further_than_the_backoff_ceiling() {
+    fn with_a_receive_budget_a_hand_back_reaches_as_far_as_the_backlog_lasts() {
         let delays = Delays {
             backoff: Backoff::default(),
             quota: Duration::from_secs(3600),
@@ -349,11 +360,14 @@ mod tests {
                 .unwrap()
                 .as_secs_f64()
         };
-        // Second receive: the ceiling is 4 s; with a budget, 8 x 4 = 32 s.
+        // Second receive: the ceiling is 4 s. Without a budget a hand-back stays within it;
+        // with one it goes as far as the backlog lasts (a 400 s spread: 200 s at half way)...
         let spread = Some(Duration::from_secs(40));
         assert_eq!(d(Reach::Ceiling, spread), 2.0);
-        assert_eq!(d(Reach::Budgeted, spread), 16.0);
+        assert_eq!(d(Reach::Budgeted, spread), 20.0);
+        assert_eq!(d(Reach::Budgeted, Some(Duration::from_secs(400))), 200.0);
         assert_eq!(d(Reach::Budgeted, Some(Duration::from_secs(10))), 5.0);
+        // ... and, before the gauge has an estimate, within 8 x 4 = 32 s.
         assert_eq!(d(Reach::Budgeted, None), 16.0);
         assert_eq!(budget(1, Some(5)).reach(), Reach::Budgeted);
         assert_eq!(budget(2, None).reach(), Reach::Ceiling);

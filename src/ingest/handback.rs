@@ -88,26 +88,49 @@ impl<A: AssetApi> Ingestor<A> {
         let arns: BTreeSet<&str> = unbooked.collect();
         let mut spreads = BTreeMap::new();
         for arn in arns {
-            if self.gauge.due(arn, Instant::now()) {
-                match tokio::time::timeout_at(until, queue.depth(arn)).await {
-                    Ok(Ok(depth)) => self.gauge.observe(arn, Instant::now(), depth),
-                    Ok(Err(error)) => tracing::debug!(
-                        queue = arn,
-                        code = error.code,
-                        error = error.message,
-                        "could not read the queue's depth; handed-back messages keep their booking"
-                    ),
-                    Err(_) => tracing::debug!(
-                        queue = arn,
-                        "no time left to read the queue's depth; handed-back messages keep their booking"
-                    ),
-                }
-            }
+            self.read_depth(queue, arn, until).await;
             if let Some(spread) = self.gauge.spread(arn, Instant::now()) {
                 spreads.insert(arn, spread);
             }
         }
         spreads
+    }
+
+    /// Reads the depth of the queue `arn` into the drain gauge if a read is due and no other
+    /// call of this instance has claimed it, giving up at `until`.
+    pub(super) async fn read_depth(&self, queue: &dyn QueueApi, arn: &str, until: Instant) {
+        if !self.gauge.claim(arn, Instant::now()) {
+            return;
+        }
+        match tokio::time::timeout_at(until, queue.depth(arn)).await {
+            Ok(Ok(depth)) => self.gauge.observe(arn, Instant::now(), depth),
+            Ok(Err(error)) => tracing::debug!(
+                queue = arn,
+                code = error.code,
+                error = error.message,
+                "could not read the queue's depth; handed-back messages keep their booking"
+            ),
+            Err(_) => tracing::debug!(
+                queue = arn,
+                "no time left to read the queue's depth; handed-back messages keep their booking"
+            ),
+        }
+    }
+
+    /// Reads the depth of each source queue of `records` that is due, giving up at `until`,
+    /// so the drain gauge follows the backlog on every batch, including those whose messages
+    /// can no longer be handed back.
+    pub(super) async fn read_depths(&self, records: &[SqsMessage], until: Instant) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let arns: BTreeSet<&str> = records
+            .iter()
+            .filter_map(|record| record.event_source_arn.as_deref())
+            .collect();
+        for arn in arns {
+            self.read_depth(queue.as_ref(), arn, until).await;
+        }
     }
 
     /// Sets the visibility timeout of every message to retry, so SQS delivers it again when it

@@ -523,6 +523,13 @@ impl<A: AssetApi> Ingestor<A> {
         let work = futures::stream::iter(tasks)
             .buffer_unordered(self.config.max_concurrency)
             .collect::<()>();
+        // The queue's depth is followed beside the work, from the first batch: the drain rate
+        // then counts what the API's burst let through before its first throttle. (Read only
+        // from the first throttle on, the rate came out lower and the spreads longer: B of
+        // `make bench` drained in 1.04x to 1.17x the ideal instead of 1.00x to 1.07x.)
+        let until = (Instant::now() + calls::DEPTH_READ_WAIT).min(stops.last_start);
+        let depths = self.read_depths(records, until);
+        let work = futures::future::join(work, depths);
         // Every wait and call ends by the hard stop on its own; this only guards the reporting
         // time against anything that does not.
         if tokio::time::timeout_at(stops.report, work).await.is_err() {

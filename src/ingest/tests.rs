@@ -354,6 +354,77 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
     }
 }
 
+/// Runs `records` through `ingestor` with a minute to go: (messages created, messages handed
+/// back, seconds taken).
+async fn drain_batch(ingestor: &Ingestor<Instant0>, records: &[SqsMessage]) -> (usize, usize, f64) {
+    let start = Instant::now();
+    let response = ingestor
+        .handle_batch(records, Instant::now() + Duration::from_secs(60))
+        .await
+        .unwrap();
+    let handed_back = response.batch_item_failures.len();
+    (
+        records.len() - handed_back,
+        handed_back,
+        (Instant::now() - start).as_secs_f64(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_receive_budget_messages_wait_for_their_slots_until_the_backlog_drain_is_measured() {
+    let config = Config {
+        max_receive_count: Some(5),
+        ..slow_config()
+    };
+    let draining = |fall| -> &'static Draining {
+        Box::leak(Box::new(Draining {
+            depth: Mutex::new(1000),
+            fall,
+            reads: Mutex::default(),
+            delays: Mutex::default(),
+        }))
+    };
+    // A backlog falling by 10 messages a read. The first batch finds no drain rate: at 1
+    // request/s every message waits for its slot and is made, none spends a delivery.
+    let queue = draining(10);
+    let ingestor = Ingestor::new(Instant0, config.clone()).with_queue(queue);
+    let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
+    assert_eq!((created, handed_back), (10, 0));
+    assert!(seconds >= 2.0, "{seconds} s");
+    assert!(queue.delays.lock().unwrap().is_empty());
+    // The next batch reads the depth again, more than two seconds later: the fall is measured,
+    // and the messages without a slot go back within the time the backlog has left.
+    let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
+    assert!(handed_back >= 5, "{handed_back} handed back");
+    assert_eq!(queue.delays.lock().unwrap().len(), handed_back);
+    assert_eq!(queue.reads.lock().unwrap().len(), 2);
+
+    // A backlog that does not fall: batch after batch waits, until ten seconds after the
+    // first read.
+    let queue = draining(0);
+    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+    let start = Instant::now();
+    let mut batches = 0;
+    while Instant::now() - start < Duration::from_secs(10) {
+        let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
+        assert_eq!(handed_back, 0, "batch {batches}");
+        batches += 1;
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert!(batches >= 3, "{batches} batches");
+    let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
+    assert!(handed_back >= 5, "{handed_back} handed back");
+
+    // Without a receive budget a hand-back costs nothing: no warm-up.
+    let queue = draining(10);
+    let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
+    let (_, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
+    assert!(
+        handed_back >= 5 && seconds < 1.0,
+        "{handed_back} in {seconds} s"
+    );
+}
+
 fn slow_config() -> Config {
     Config {
         initial_rate: Some(1.0),
