@@ -106,7 +106,9 @@ impl Queue {
 
 impl DrainGauge {
     /// Whether the depth of `queue` is due to be read again at `now`: read at most once per
-    /// [`READ_EVERY`], counting reads claimed and not yet recorded.
+    /// [`READ_EVERY`], counting reads claimed and not yet recorded. Readers use
+    /// [`DrainGauge::claim`].
+    #[cfg(test)]
     pub fn due(&self, queue: &str, now: Instant) -> bool {
         let queues = self.queues.lock().expect("drain gauge");
         queues.get(queue).is_none_or(|q| q.due(now))

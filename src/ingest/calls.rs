@@ -13,10 +13,6 @@ use crate::message::{AssetId, AssetRequest, PackagingGroupId, RoleArn, SourceArn
 use crate::metrics::CallCounts;
 use crate::redelivery::{slot_wait, Budget, Need, Redelivery};
 
-/// The longest a call waits for a read of its queue's depth before deciding whether to wait
-/// for its slot.
-pub(super) const DEPTH_READ_WAIT: Duration = Duration::from_secs(1);
-
 impl<A: AssetApi> Ingestor<A> {
     /// The latest moment a call of `turn` may start: a short wait while its message may still
     /// go back to the queue, else as late as the invocation allows ([`slot_wait`]).
@@ -38,7 +34,7 @@ impl<A: AssetApi> Ingestor<A> {
         };
         let interval = Duration::from_secs_f64(1.0 / stats.rate);
         match slot_wait(need, self.config.permit_wait, interval) {
-            Some(_) if !follow_up && self.warming(turn, need.budget).await => turn.last_start,
+            Some(_) if !follow_up && self.warming(turn, need.budget) => turn.last_start,
             Some(wait) => (Instant::now() + wait).min(turn.last_start),
             None => turn.last_start,
         }
@@ -46,16 +42,13 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// Whether a message that could go back to the queue for want of a slot waits for it
     /// instead, because its queue's backlog is warming up ([`crate::drain::DrainGauge::warming`]):
-    /// only with a receive budget, where a hand-back spends one of few deliveries. Reads the
-    /// queue's depth when due, within a second and the turn's time.
-    async fn warming(&self, turn: &Turn<'_>, budget: Budget) -> bool {
-        let (Some(queue), Some(arn), Some(_)) = (&self.queue, turn.queue_arn, budget.max_receives)
-        else {
-            return false;
-        };
-        let until = (Instant::now() + DEPTH_READ_WAIT).min(turn.last_start);
-        self.read_depth(queue.as_ref(), arn, until).await;
-        self.gauge.warming(arn, Instant::now())
+    /// only with a receive budget, where a hand-back spends one of few deliveries. The batch
+    /// claims its read of the queue's depth before any call asks ([`Ingestor::process_batch`]).
+    fn warming(&self, turn: &Turn<'_>, budget: Budget) -> bool {
+        budget.max_receives.is_some()
+            && turn
+                .queue_arn
+                .is_some_and(|arn| self.gauge.warming(arn, Instant::now()))
     }
 
     /// CreateAsset, with a refusal settled by DescribeAsset: the asset as asked (same source,
