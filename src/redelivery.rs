@@ -196,14 +196,15 @@ impl Delays {
             .ceiling(receives)
             .saturating_mul(BUDGETED_REACH)
             .min(backoff.cap);
-        let jitter = |within: Duration| within.min(reach_cap).mul_f64(unit.clamp(0.0, 1.0));
+        let share = unit.clamp(0.0, 1.0);
+        let jitter = |within: Duration| within.min(reach_cap).mul_f64(share);
         let delay = match (redelivery, spread) {
             // As far as the backlog lasts: the gauge's estimate is made once the instances
             // have drained it for a while (`crate::drain::WARM_UP`).
             (Redelivery::After(_) | Redelivery::Within(_), Some(spread))
                 if reach == Reach::Budgeted =>
             {
-                spread.mul_f64(unit.clamp(0.0, 1.0))
+                spread.mul_f64(share)
             }
             (Redelivery::Within(horizon), None) if reach == Reach::Budgeted => jitter(horizon),
             // Spread over the time the backlog has left, like every other instance's
