@@ -53,7 +53,8 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 pub const MIN_SPAN: Duration = Duration::from_secs(2);
 /// How often an instance reads the depth of a queue it hands messages back to.
 pub const READ_EVERY: Duration = Duration::from_secs(1);
-/// The returns are spread this much faster than the backlog has been draining.
+/// The returns of a message with hand-backs to spare are spread this much faster than the
+/// backlog has been draining ([`crate::redelivery::Budget::overbook`]).
 pub const OVERBOOK: f64 = 1.5;
 /// The spread is never shorter than this (SQS visibility counts whole seconds).
 pub const MIN_SPREAD: Duration = Duration::from_secs(1);
@@ -163,11 +164,10 @@ impl DrainGauge {
         forget_older(&mut q.rates, now, PEAK_MEMORY);
     }
 
-    /// The time over which to spread the messages handed back to `queue` at `now`: the
-    /// backlog's latest depth over `OVERBOOK` times its drain rate (the last ten seconds', or
-    /// the peak of the last minute if higher), at least [`MIN_SPREAD`]; `None` without a fall to
-    /// measure now.
-    pub fn spread(&self, queue: &str, now: Instant) -> Option<Duration> {
+    /// The time the backlog of `queue` has left at `now`: its latest depth over its drain rate
+    /// (the last ten seconds', or the peak of the last minute if higher); `None` without a fall
+    /// to measure now. Hand-backs are spread over it ([`spread`]).
+    pub fn time_left(&self, queue: &str, now: Instant) -> Option<Duration> {
         let queues = self.queues.lock().expect("drain gauge");
         let q = queues.get(queue)?;
         let rate = q.drain_rate(now, MIN_SPAN)?;
@@ -178,9 +178,15 @@ impl DrainGauge {
             .map(|(_, rate)| *rate)
             .fold(rate, f64::max);
         let (_, last) = q.readings.back()?;
-        let seconds = (*last as f64 / (OVERBOOK * peak)).min(1e9);
-        Some(Duration::from_secs_f64(seconds).max(MIN_SPREAD))
+        Some(Duration::from_secs_f64((*last as f64 / peak).min(1e9)))
     }
+}
+
+/// The time over which to spread a message handed back while its backlog has `time_left`,
+/// returning `overbook` times faster than the backlog has been draining
+/// ([`crate::redelivery::Budget::overbook`]): at least [`MIN_SPREAD`].
+pub fn spread(time_left: Duration, overbook: f64) -> Duration {
+    time_left.div_f64(overbook).max(MIN_SPREAD)
 }
 
 /// Drops the entries of `series` more than `age` older than `now`.
@@ -203,6 +209,27 @@ mod tests {
         start + Duration::from_secs_f64(seconds)
     }
 
+    /// The spread of a message with hand-backs to spare.
+    fn spread_at(gauge: &DrainGauge, queue: &str, now: Instant) -> Option<Duration> {
+        gauge
+            .time_left(queue, now)
+            .map(|left| spread(left, OVERBOOK))
+    }
+
+    #[test]
+    fn a_message_on_its_last_hand_backs_returns_at_the_drain_rate_itself() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        gauge.observe(Q, t0, 1000);
+        gauge.observe(Q, at(t0, 4.0), 920);
+        // 920 left at 20/s: 46 s, overbooked by 1.5 to 30.67 s.
+        let left = gauge.time_left(Q, at(t0, 4.0)).unwrap();
+        assert_eq!(left.as_millis(), 46_000);
+        assert_eq!(spread(left, 1.0).as_millis(), 46_000);
+        assert_eq!(spread(left, OVERBOOK).as_millis(), 30_666);
+        assert_eq!(spread(Duration::from_millis(300), 1.0), MIN_SPREAD);
+    }
+
     #[test]
     fn the_spread_is_the_depth_over_one_and_a_half_times_the_drain_rate() {
         let gauge = DrainGauge::default();
@@ -211,7 +238,7 @@ mod tests {
         gauge.observe(Q, at(t0, 4.0), 920);
         gauge.observe(Q, at(t0, 8.0), 840);
         // 160 messages in 8 s: 20/s; 840 left at 30/s is 28 s.
-        let spread = gauge.spread(Q, at(t0, 8.0)).unwrap();
+        let spread = spread_at(&gauge, Q, at(t0, 8.0)).unwrap();
         assert_eq!(spread.as_millis(), 28_000);
     }
 
@@ -219,15 +246,15 @@ mod tests {
     fn no_estimate_without_two_seconds_of_history_or_a_falling_depth() {
         let gauge = DrainGauge::default();
         let t0 = Instant::now();
-        assert_eq!(gauge.spread(Q, t0), None);
+        assert_eq!(spread_at(&gauge, Q, t0), None);
         gauge.observe(Q, t0, 100);
         gauge.observe(Q, at(t0, 1.5), 90);
-        assert_eq!(gauge.spread(Q, at(t0, 1.5)), None, "1.5 s of history");
+        assert_eq!(spread_at(&gauge, Q, at(t0, 1.5)), None, "1.5 s of history");
         gauge.observe(Q, at(t0, 3.0), 100);
-        assert_eq!(gauge.spread(Q, at(t0, 3.0)), None, "steady backlog");
+        assert_eq!(spread_at(&gauge, Q, at(t0, 3.0)), None, "steady backlog");
         gauge.observe(Q, at(t0, 4.0), 130);
-        assert_eq!(gauge.spread(Q, at(t0, 4.0)), None, "growing backlog");
-        assert_eq!(gauge.spread("another queue", at(t0, 4.0)), None);
+        assert_eq!(spread_at(&gauge, Q, at(t0, 4.0)), None, "growing backlog");
+        assert_eq!(spread_at(&gauge, "another queue", at(t0, 4.0)), None);
     }
 
     #[test]
@@ -237,12 +264,15 @@ mod tests {
         gauge.observe(Q, t0, 10_000);
         gauge.observe(Q, at(t0, 20.0), 600);
         // The first reading is 20 s old: one reading left, nothing to measure.
-        assert_eq!(gauge.spread(Q, at(t0, 20.0)), None);
+        assert_eq!(spread_at(&gauge, Q, at(t0, 20.0)), None);
         gauge.observe(Q, at(t0, 25.0), 500);
         // 20/s over the last 5 s, not 380/s since the start: 500 / 30 = 16.67 s.
-        assert_eq!(gauge.spread(Q, at(t0, 25.0)).unwrap().as_millis(), 16_666);
+        assert_eq!(
+            spread_at(&gauge, Q, at(t0, 25.0)).unwrap().as_millis(),
+            16_666
+        );
         // A reading older than the window by the time it is asked for is not used either.
-        assert_eq!(gauge.spread(Q, at(t0, 31.0)), None);
+        assert_eq!(spread_at(&gauge, Q, at(t0, 31.0)), None);
     }
 
     #[test]
@@ -258,13 +288,19 @@ mod tests {
         }
         // The last ten seconds drained 5/s (870 left: 116 s at 7.5/s), but 20/s was
         // sustained for four seconds within the minute: 870 / 30 = 29 s.
-        assert_eq!(gauge.spread(Q, at(t0, 14.0)).unwrap().as_millis(), 29_000);
+        assert_eq!(
+            spread_at(&gauge, Q, at(t0, 14.0)).unwrap().as_millis(),
+            29_000
+        );
         // A minute later the peak is forgotten and the rate of the moment applies again.
         for second in 15..=80 {
             gauge.observe(Q, at(t0, second as f64), 870 - 5 * (second - 14));
         }
         // 540 left at 5/s: 540 / 7.5 = 72 s.
-        assert_eq!(gauge.spread(Q, at(t0, 80.0)).unwrap().as_millis(), 72_000);
+        assert_eq!(
+            spread_at(&gauge, Q, at(t0, 80.0)).unwrap().as_millis(),
+            72_000
+        );
     }
 
     #[test]
@@ -278,7 +314,7 @@ mod tests {
         gauge.observe(Q, at(t0, 4.0), 299);
         gauge.observe(Q, at(t0, 14.0), 289);
         // The window now holds 4.0 to 14.0 (1/s); the peak 101 / 4 = 25.25/s.
-        let spread = gauge.spread(Q, at(t0, 14.0)).unwrap();
+        let spread = spread_at(&gauge, Q, at(t0, 14.0)).unwrap();
         assert_eq!(spread.as_millis(), (289_000.0 / (1.5 * 25.25)) as u128);
         // The queue empties; a new backlog starts with no peak.
         gauge.observe(Q, at(t0, 20.0), 0);
@@ -286,12 +322,15 @@ mod tests {
         gauge.observe(Q, at(t0, 23.0), 490);
         // Measured from the oldest reading in the window (0 at 20 s), the depth grew: no
         // estimate.
-        assert_eq!(gauge.spread(Q, at(t0, 23.0)), None);
+        assert_eq!(spread_at(&gauge, Q, at(t0, 23.0)), None);
         gauge.observe(Q, at(t0, 31.0), 450);
         gauge.observe(Q, at(t0, 36.0), 425);
         // The readings of 21 and 23 s are over ten seconds old: 450 to 425 in 5 s is 5/s, and
         // the earlier peak (25.25/s) is gone: 425 / 7.5 = 56.67 s.
-        assert_eq!(gauge.spread(Q, at(t0, 36.0)).unwrap().as_millis(), 56_666);
+        assert_eq!(
+            spread_at(&gauge, Q, at(t0, 36.0)).unwrap().as_millis(),
+            56_666
+        );
     }
 
     #[test]
@@ -309,7 +348,10 @@ mod tests {
         // bound, 280 left at 15/s is 18.67 s, though the backlog was watched for two.
         gauge.observe(Q, at(t0, 2.0), 280);
         assert!(!gauge.warming(Q, at(t0, 2.0)));
-        assert_eq!(gauge.spread(Q, at(t0, 2.0)).unwrap().as_millis(), 18_666);
+        assert_eq!(
+            spread_at(&gauge, Q, at(t0, 2.0)).unwrap().as_millis(),
+            18_666
+        );
         // A backlog that does not fall gives no estimate, nor does a depth that cannot be
         // read: the wait ends ten seconds after the first reading or claim all the same.
         for second in 0..=10 {
@@ -344,7 +386,7 @@ mod tests {
         let t0 = Instant::now();
         gauge.observe(Q, t0, 60);
         gauge.observe(Q, at(t0, 2.0), 20);
-        assert_eq!(gauge.spread(Q, at(t0, 2.0)), Some(MIN_SPREAD));
+        assert_eq!(spread_at(&gauge, Q, at(t0, 2.0)), Some(MIN_SPREAD));
     }
 
     #[test]

@@ -65,6 +65,10 @@ use tokio::time::Instant;
 /// The least time between two cuts.
 pub const CUT_COOL_DOWN: Duration = Duration::from_millis(300);
 
+/// No room for call-backs this soon after a cut ([`RateLimiter::room`]): the API has just
+/// said the quota is full, and call-backs would raise the rate the cut lowered.
+pub const CALL_BACK_QUIET: Duration = Duration::from_secs(2);
+
 /// While probing, the first throttle sets the rate from the calls sent over this last stretch.
 const PROBE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -258,6 +262,35 @@ impl RateLimiter {
         Err(Some(booked - now))
     }
 
+    /// How many calls this instance could send at once at `now`, at most `most`: room for
+    /// messages it calls back from the queue ([`crate::redelivery::Away`]). The slots are not
+    /// taken: those messages come back through the queue, to whichever instance, and take their
+    /// slots there. Each one counts as a paced call would after slow start, raising the rate:
+    /// it is demand the limiter could not see, since a message handed back further ahead than
+    /// the quota needed never asked for a slot. No room while probing or settling, or within
+    /// [`CALL_BACK_QUIET`] of the last cut, while the quota has just been found full.
+    pub fn room(&self, now: Instant, most: u32) -> u32 {
+        let mut state = self.state.lock().expect("limiter lock");
+        let cut_lately = state
+            .last_cut
+            .is_some_and(|cut| now.saturating_duration_since(cut) < CALL_BACK_QUIET);
+        if most == 0 || state.probing.is_some() || state.settling.is_some() || cut_lately {
+            return 0;
+        }
+        let interval = 1.0 / state.rate;
+        let tolerance = self.tolerance(state.rate).as_secs_f64();
+        let ahead = state.next_send.saturating_duration_since(now).as_secs_f64();
+        if ahead > tolerance {
+            return 0;
+        }
+        let room = (((tolerance - ahead) / interval).floor() as u32 + 1).min(most);
+        if !state.slow_start {
+            let gain = self.config.additive / state.rate * f64::from(room);
+            state.rate = clamp(state.rate + gain, &self.config);
+        }
+        room
+    }
+
     /// How far ahead of now `next_send` may be and a call still go at once: the burst less
     /// one call.
     fn tolerance(&self, rate: f64) -> Duration {
@@ -441,6 +474,45 @@ mod tests {
             .map(|_| ms(limiter.reserve(now, far, NO_HORIZON).unwrap()))
             .collect();
         assert_eq!(again, [2500, 2500, 2500, 2500, 2750]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_for_call_backs_is_what_could_go_at_once_and_is_left_in_the_bucket() {
+        let limiter = bursty(4.0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        assert_eq!(limiter.room(start, 10), 4);
+        assert_eq!(limiter.room(start, 3), 3);
+        assert_eq!(
+            limiter.stats().rate,
+            4.0,
+            "slow start: the rate is not raised"
+        );
+        // The room was not taken: the four tokens still go at once.
+        let permits: Vec<Permit> = (0..4)
+            .map(|_| limiter.reserve(start, far, NO_HORIZON).unwrap())
+            .collect();
+        assert!(permits.iter().all(|p| p.at == start));
+        assert_eq!(limiter.room(start, 10), 0, "the bucket is empty");
+        // A cut to 2/s: no room for two seconds, though the bucket refills in one.
+        limiter.on_throttle(&permits[3]);
+        assert_eq!(limiter.stats().rate, 2.0);
+        tokio::time::advance(Duration::from_millis(1900)).await;
+        assert_eq!(limiter.room(Instant::now(), 10), 0);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // A second deep at 2/s: room for two, each raising the rate as a paced call does.
+        assert_eq!(limiter.room(Instant::now(), 10), 2);
+        assert!(
+            (limiter.stats().rate - 2.2).abs() < 1e-9,
+            "{:?}",
+            limiter.stats()
+        );
+        // Probing, the limiter limits nothing and knows no quota: no room to call back into.
+        let probing = RateLimiter::new(LimiterConfig {
+            probe: true,
+            ..LimiterConfig::default()
+        });
+        assert_eq!(probing.room(Instant::now(), 10), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -36,13 +36,21 @@
 //!   `DEADLINE_MARGIN_MS`, at least [`MIN_MARGIN`]; an attempt is started while at least
 //!   [`MIN_ATTEMPT`] is left before that, and clamped to the time left.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::backoff::{visibility_room, Backoff, SQS_MAX_VISIBILITY};
 
 /// Deliveries a message keeps for real failures: it is not handed back for want of a request
 /// slot if that would leave it fewer.
 pub const RESERVED_DELIVERIES: u32 = 2;
+
+/// A message's last hand-backs, this many, return at the backlog's measured drain rate; the
+/// ones before at [`crate::drain::OVERBOOK`] times it. See [`Budget::overbook`].
+pub const PACED_HAND_BACKS: u32 = 2;
 
 /// The least time kept before the deadline to dead-letter, change visibility and answer.
 pub const MIN_MARGIN: Duration = Duration::from_millis(200);
@@ -87,6 +95,33 @@ impl Budget {
     pub fn may_hand_back(&self) -> bool {
         self.max_receives
             .is_none_or(|max| self.receives + RESERVED_DELIVERIES < max)
+    }
+
+    /// How many of the message's later deliveries may still be handed back for want of a slot
+    /// after this one, if its budget is known.
+    pub fn hand_backs_after(&self) -> Option<u32> {
+        self.max_receives
+            .map(|max| max.saturating_sub(self.receives + 1 + RESERVED_DELIVERIES))
+    }
+
+    /// How much faster than the backlog has been draining this message's hand-back should
+    /// return ([`crate::drain::spread`]): [`crate::drain::OVERBOOK`] while it has hand-backs to
+    /// spare, and the measured rate itself on its last [`PACED_HAND_BACKS`].
+    ///
+    /// Overbooking finds quota the instances are not yet using, and a return that finds no
+    /// slot is handed back again: that costs a delivery, affordable while several hand-backs
+    /// remain. A message near the end of its hand-backs that returns over the quota waits for
+    /// its slot inside the invocation on its last delivery, billed; its returns are paced at
+    /// the rate measured, and quota left unused is filled by calling back messages already
+    /// handed back ([`Away`]). Measured on `make bench` (docs/throttling.md): overbooking every
+    /// hand-back at `maxReceiveCount` 5 billed about 230 s on scenario B, pacing them at the
+    /// rate with call-backs 117-181 s at the same drain time; pacing every hand-back at a
+    /// budget of 20 drained 1.15-1.23x the ideal, overbooking all but the last two 1.01-1.02x.
+    pub fn overbook(&self) -> f64 {
+        match self.hand_backs_after() {
+            Some(left) if left < PACED_HAND_BACKS => 1.0,
+            _ => crate::drain::OVERBOOK,
+        }
     }
 
     /// How far a hand-back for want of a slot may send the message ([`Delays::delay`]).
@@ -231,6 +266,68 @@ impl Delays {
     }
 }
 
+/// A message handed back is called back only if it is due more than this far ahead: one due
+/// sooner comes back about as soon anyway, and its receipt handle may be about to lapse.
+pub const CALL_BACK_AHEAD: Duration = Duration::from_secs(1);
+
+/// The most messages called back at once: one `ChangeMessageVisibilityBatch`.
+pub const CALL_BACK_MOST: usize = 10;
+
+/// The most messages one instance keeps to call back per queue; past it, the soonest due are
+/// let go (they come back by themselves soonest). A receipt handle is a few hundred bytes.
+pub const AWAY_KEPT: usize = 1000;
+
+/// The messages this instance handed back for want of a request slot, per queue: when each is
+/// due back and the receipt handle it can be called back with. A message handed back is still
+/// in flight, so `ChangeMessageVisibility` to 0 with the receipt handle of its last receive
+/// makes it visible at once, with no extra receive: quota the returns leave unused is filled
+/// with the messages handed back furthest ahead ([`Budget::overbook`]).
+#[derive(Debug, Default)]
+pub struct Away {
+    queues: Mutex<HashMap<String, Vec<(Instant, String)>>>,
+}
+
+impl Away {
+    /// Keeps a message handed back to `queue`, due back at `due`.
+    pub fn hold(&self, queue: &str, due: Instant, receipt_handle: String) {
+        let mut queues = self.queues.lock().expect("away lock");
+        let held = queues.entry(queue.to_string()).or_default();
+        held.push((due, receipt_handle));
+        if held.len() > AWAY_KEPT {
+            held.sort_by_key(|(due, _)| *due);
+            held.drain(..held.len() - AWAY_KEPT);
+        }
+    }
+
+    /// The receipt handles of the messages of `queue` to call back at `now`: of those due more
+    /// than [`CALL_BACK_AHEAD`] from now (the others are let go), `room` is asked how many it
+    /// takes of at most [`CALL_BACK_MOST`], and gets the furthest due.
+    pub fn take(
+        &self,
+        queue: &str,
+        now: Instant,
+        room: impl FnOnce(usize) -> usize,
+    ) -> Vec<String> {
+        let mut queues = self.queues.lock().expect("away lock");
+        let Some(held) = queues.get_mut(queue) else {
+            return Vec::new();
+        };
+        held.retain(|(due, _)| due.saturating_duration_since(now) > CALL_BACK_AHEAD);
+        if held.is_empty() {
+            queues.remove(queue);
+            return Vec::new();
+        }
+        let available = held.len().min(CALL_BACK_MOST);
+        let n = room(available).min(available);
+        held.sort_by_key(|(due, _)| *due);
+        held.split_off(held.len() - n)
+            .into_iter()
+            .rev()
+            .map(|(_, receipt_handle)| receipt_handle)
+            .collect()
+    }
+}
+
 /// Whether a message to retry can still be kept away at all: SQS keeps a message invisible at
 /// most 12 hours since its first receive. Without room, a redelivery would come back at once
 /// and burn the message's deliveries within seconds.
@@ -372,6 +469,89 @@ mod tests {
         assert_eq!(d(Reach::Budgeted, None), 16.0);
         assert_eq!(budget(1, Some(5)).reach(), Reach::Budgeted);
         assert_eq!(budget(2, None).reach(), Reach::Ceiling);
+    }
+
+    #[test]
+    fn a_message_overbooks_its_returns_until_its_last_two_hand_backs() {
+        // (receives, maxReceiveCount, hand-backs left after this one, overbook)
+        let table = [
+            (1, Some(5), Some(1), 1.0),
+            (2, Some(5), Some(0), 1.0),
+            (1, Some(20), Some(16), 1.5),
+            (15, Some(20), Some(2), 1.5),
+            (16, Some(20), Some(1), 1.0),
+            (17, Some(20), Some(0), 1.0),
+            (3, Some(3), Some(0), 1.0),
+            (9, None, None, 1.5),
+        ];
+        for (receives, max, left, overbook) in table {
+            let b = budget(receives, max);
+            assert_eq!(b.hand_backs_after(), left, "{b:?}");
+            assert_eq!(b.overbook(), overbook, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn the_furthest_messages_away_are_called_back_as_many_as_there_is_room_for() {
+        let away = Away::default();
+        let now = Instant::now();
+        let due = |ms: u64| now + Duration::from_millis(ms);
+        for (ms, handle) in [
+            (500, "soon"),
+            (3000, "c"),
+            (9000, "far"),
+            (1500, "b"),
+            (6000, "d"),
+        ] {
+            away.hold("q", due(ms), handle.to_string());
+        }
+        // Asked with the four due more than a second ahead; the one due in 0.5 s is let go.
+        let mut asked = 0;
+        let taken = away.take("q", now, |available| {
+            asked = available;
+            2
+        });
+        assert_eq!(asked, 4);
+        assert_eq!(taken, ["far", "d"]);
+        // No room: nothing taken, nothing lost.
+        assert!(away.take("q", now, |_| 0).is_empty());
+        // Room for more than are held: the rest, furthest first; then none.
+        assert_eq!(away.take("q", now, |_| 10), ["c", "b"]);
+        assert!(away
+            .take("q", now, |_| unreachable!("nothing held"))
+            .is_empty());
+        assert!(away
+            .take("other", now, |_| unreachable!("nothing held"))
+            .is_empty());
+        // Two seconds later, a message due in 3 s is due in 1 s: let go.
+        away.hold("q", due(3000), "late".into());
+        assert!(away
+            .take("q", now + Duration::from_secs(2), |_| unreachable!(
+                "let go"
+            ))
+            .is_empty());
+    }
+
+    #[test]
+    fn an_instance_keeps_the_furthest_thousand_messages_per_queue_and_calls_back_ten_at_once() {
+        let away = Away::default();
+        let now = Instant::now();
+        for n in 0..(AWAY_KEPT as u64 + 500) {
+            away.hold("q", now + Duration::from_secs(10 + n), n.to_string());
+        }
+        let mut available = 0;
+        let taken = away.take("q", now, |n| {
+            available = n;
+            usize::MAX
+        });
+        assert_eq!(available, CALL_BACK_MOST);
+        assert_eq!(taken.len(), CALL_BACK_MOST);
+        assert_eq!(taken[0], (AWAY_KEPT + 499).to_string());
+        let rest = away.take("q", now, |_| usize::MAX).len()
+            + (0..200)
+                .map(|_| away.take("q", now, |_| usize::MAX).len())
+                .sum::<usize>();
+        assert_eq!(rest + CALL_BACK_MOST, AWAY_KEPT, "the soonest 500 let go");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::{epoch_ms, fifo_group, receive_count, since_first_receive, Ingestor, Outcome};
 use crate::backoff::{visibility_seconds, Backoff};
+use crate::drain::spread;
 use crate::mediapackage::AssetApi;
 use crate::redelivery::{Budget, Delays, Redelivery};
 use crate::sqs::{QueueApi, VisibilityChange};
@@ -26,14 +27,15 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// The visibility timeout each message to retry gets, from its [`Redelivery`] and receive
     /// count ([`Delays::delay`]); `None` where the queue's own timeout applies. A message that
-    /// got no request slot comes back at a random time within its queue's entry in `spreads`
-    /// (the backlog's expected time left, see [`crate::drain`]) when there is one. `unit` draws
+    /// got no request slot comes back at a random time within the spread of its queue's entry
+    /// in `times_left` (the backlog's expected time left, see [`crate::drain`]) when there is
+    /// one, overbooked as its budget says ([`Budget::overbook`]). `unit` draws
     /// the jitter.
     pub fn redelivery_delays(
         &self,
         records: &[SqsMessage],
         outcomes: &[Outcome],
-        spreads: &BTreeMap<&str, Duration>,
+        times_left: &BTreeMap<&str, Duration>,
         mut unit: impl FnMut() -> f64,
     ) -> Vec<Option<i32>> {
         let delays = self.delays();
@@ -45,18 +47,18 @@ impl<A: AssetApi> Ingestor<A> {
                 let Outcome::Retry(_, redelivery) = outcome else {
                     return None;
                 };
+                let fifo = fifo_group(record).is_some();
+                let receives = receive_count(record);
+                let budget = Budget {
+                    receives,
+                    max_receives: self.known_limit(record.event_source_arn.as_deref()),
+                };
+                let reach = budget.reach();
                 let spread = record
                     .event_source_arn
                     .as_deref()
-                    .and_then(|arn| spreads.get(arn))
-                    .copied();
-                let fifo = fifo_group(record).is_some();
-                let receives = receive_count(record);
-                let reach = Budget {
-                    receives,
-                    max_receives: self.known_limit(record.event_source_arn.as_deref()),
-                }
-                .reach();
+                    .and_then(|arn| times_left.get(arn))
+                    .map(|left| spread(*left, budget.overbook()));
                 let delay = delays.delay(*redelivery, receives, spread, reach, fifo, unit())?;
                 Some(visibility_seconds(
                     delay,
@@ -67,8 +69,9 @@ impl<A: AssetApi> Ingestor<A> {
     }
 
     /// For each queue with messages handed back for want of a request slot, how long its
-    /// backlog has left ([`DrainGauge::spread`]), reading the queue's depth when it is due.
-    pub(super) async fn spreads<'r>(
+    /// backlog has left ([`crate::drain::DrainGauge::time_left`]), reading the queue's depth
+    /// when it is due.
+    pub(super) async fn times_left<'r>(
         &self,
         queue: &dyn QueueApi,
         records: &'r [SqsMessage],
@@ -86,14 +89,14 @@ impl<A: AssetApi> Ingestor<A> {
                 .then_some(record.event_source_arn.as_deref()?)
             });
         let arns: BTreeSet<&str> = unbooked.collect();
-        let mut spreads = BTreeMap::new();
+        let mut times_left = BTreeMap::new();
         for arn in arns {
             self.read_depth(queue, arn, until).await;
-            if let Some(spread) = self.gauge.spread(arn, Instant::now()) {
-                spreads.insert(arn, spread);
+            if let Some(left) = self.gauge.time_left(arn, Instant::now()) {
+                times_left.insert(arn, left);
             }
         }
-        spreads
+        times_left
     }
 
     /// Reads the depth of the queue `arn` into the drain gauge if a read is due and no other
@@ -152,12 +155,14 @@ impl<A: AssetApi> Ingestor<A> {
         }
         let now = Instant::now();
         let depth_until = now + until.saturating_duration_since(now) / 4;
-        let spreads = self
-            .spreads(queue.as_ref(), records, outcomes, depth_until)
+        let times_left = self
+            .times_left(queue.as_ref(), records, outcomes, depth_until)
             .await;
-        let delays = self.redelivery_delays(records, outcomes, &spreads, fastrand::f64);
-        let mut by_queue: BTreeMap<&str, (Vec<VisibilityChange>, Vec<&str>)> = BTreeMap::new();
-        for (record, delay) in records.iter().zip(delays) {
+        let delays = self.redelivery_delays(records, outcomes, &times_left, fastrand::f64);
+        // Per queue: the changes, and for each its message ID and whether it may be called back.
+        type Changes<'r> = (Vec<VisibilityChange>, Vec<(&'r str, bool)>);
+        let mut by_queue: BTreeMap<&str, Changes> = BTreeMap::new();
+        for ((record, delay), outcome) in records.iter().zip(delays).zip(outcomes) {
             let (Some(seconds), Some(arn), Some(receipt_handle)) = (
                 delay,
                 record.event_source_arn.as_deref(),
@@ -165,20 +170,36 @@ impl<A: AssetApi> Ingestor<A> {
             ) else {
                 continue;
             };
+            // Spread over its backlog's time left for want of a slot: it may be called back.
+            let callable = times_left.contains_key(arn)
+                && fifo_group(record).is_none()
+                && matches!(
+                    outcome,
+                    Outcome::Retry(_, Redelivery::After(_) | Redelivery::Within(_))
+                );
             let entry = by_queue.entry(arn).or_default();
             entry.0.push(VisibilityChange {
                 receipt_handle: receipt_handle.to_string(),
                 seconds,
             });
-            entry.1.push(record.message_id.as_deref().unwrap_or(""));
+            entry
+                .1
+                .push((record.message_id.as_deref().unwrap_or(""), callable));
         }
         let changes = by_queue
             .iter()
-            .map(|(arn, (changes, message_ids))| async move {
+            .map(|(arn, (changes, messages))| async move {
                 let results = queue.change_visibility(arn, changes).await;
-                for ((result, change), message_id) in results.iter().zip(changes).zip(message_ids) {
+                let now = Instant::now();
+                for ((result, change), (message_id, callable)) in
+                    results.iter().zip(changes).zip(messages)
+                {
                     match result {
                         Ok(()) => {
+                            if *callable {
+                                let due = now + Duration::from_secs(change.seconds.max(0) as u64);
+                                self.away.hold(arn, due, change.receipt_handle.clone());
+                            }
                             tracing::debug!(
                                 message_id,
                                 seconds = change.seconds,
@@ -202,5 +223,55 @@ impl<A: AssetApi> Ingestor<A> {
                 "the invocation deadline came before every redelivery delay was set; the queue's visibility timeout applies to the rest"
             );
         }
+    }
+
+    /// Calls back messages this instance handed back for want of a slot, the furthest due
+    /// first, as many as its limiter has room for now ([`crate::redelivery::Away`],
+    /// [`crate::limiter::RateLimiter::room`]), giving up at `until`: quota the returns leave
+    /// unused is used by messages that were away rather than left idle. Returns how many were
+    /// called back. A call-back that fails changes nothing: the message comes back when due.
+    pub async fn call_back(&self, records: &[SqsMessage], until: Instant) -> usize {
+        let Some(queue) = &self.queue else {
+            return 0;
+        };
+        let arns: BTreeSet<&str> = records
+            .iter()
+            .filter_map(|record| record.event_source_arn.as_deref())
+            .collect();
+        let mut called_back = 0;
+        for arn in arns {
+            let now = Instant::now();
+            let handles = self.away.take(arn, now, |available| {
+                self.limiter.room(now, available as u32) as usize
+            });
+            if handles.is_empty() {
+                continue;
+            }
+            let changes: Vec<VisibilityChange> = handles
+                .into_iter()
+                .map(|receipt_handle| VisibilityChange {
+                    receipt_handle,
+                    seconds: 0,
+                })
+                .collect();
+            let Ok(results) =
+                tokio::time::timeout_at(until, queue.change_visibility(arn, &changes)).await
+            else {
+                tracing::debug!(queue = arn, "no time left to call messages back");
+                break;
+            };
+            for result in results {
+                match result {
+                    Ok(()) => called_back += 1,
+                    Err(error) => tracing::debug!(
+                        queue = arn,
+                        code = error.code,
+                        error = error.message,
+                        "could not call a message back; it comes back when due"
+                    ),
+                }
+            }
+        }
+        called_back
     }
 }

@@ -31,7 +31,7 @@ use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{AssetRequest, Defaults, InvalidMessage, PackagingGroupId, Refused};
 use crate::metrics::{BatchMetrics, CallCounts, Emf};
 pub use crate::redelivery::Redelivery;
-use crate::redelivery::{deadline_margin, fits_an_attempt, Budget, Reach, MIN_ATTEMPT};
+use crate::redelivery::{deadline_margin, fits_an_attempt, Away, Budget, Reach, MIN_ATTEMPT};
 use crate::sqs::QueueApi;
 
 mod calls;
@@ -322,6 +322,9 @@ pub struct Ingestor<A> {
     /// Per packaging group: CreateAsset calls refused for the asset quota since the last asset
     /// made in it, and when the last one was.
     quota_refusals: Mutex<HashMap<PackagingGroupId, (u32, Instant)>>,
+    /// The messages this instance handed back for want of a slot, to call back when it has
+    /// room.
+    away: Away,
 }
 
 impl<A: AssetApi> Ingestor<A> {
@@ -356,6 +359,7 @@ impl<A: AssetApi> Ingestor<A> {
             counts: CallCounts::default(),
             emf: None,
             quota_refusals: Mutex::default(),
+            away: Away::default(),
         }
     }
 
@@ -442,8 +446,10 @@ impl<A: AssetApi> Ingestor<A> {
         let outcomes = self.publish(records, outcomes, events_until).await;
         let outcomes = self.retire_exhausted(records, outcomes, report).await;
         let response = batch_response(records, &outcomes);
+        let mut called_back = 0;
         if response.is_ok() {
             self.delay_redeliveries(records, &outcomes, report).await;
+            called_back = self.call_back(records, report).await;
         }
         let metrics = BatchMetrics::of(
             records,
@@ -459,6 +465,7 @@ impl<A: AssetApi> Ingestor<A> {
             found = metrics.found,
             dead_lettered = metrics.dead_lettered.values().sum::<u64>(),
             rate = metrics.rate,
+            called_back,
             "batch done"
         );
         (response, metrics)

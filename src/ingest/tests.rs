@@ -252,17 +252,18 @@ fn a_message_without_a_slot_comes_back_within_the_time_its_queue_has_left() {
         no_slot(Redelivery::After(Duration::from_secs(3))),
         retry(),
     ];
-    let spreads = BTreeMap::from([(QUEUE, Duration::from_secs(10))]);
-    // The queue has 10 s left: its messages without a slot come back within that, not at
+    let times_left = BTreeMap::from([(QUEUE, Duration::from_secs(15))]);
+    // The queue has 15 s left, spread over 10 s (returns overbooked by 1.5: no receive budget
+    // is known): its messages without a slot come back within that, not at
     // their booking (3 s) or within their horizon (16 s); a first receive is still held to
     // its 2 s backoff ceiling. Another queue's message keeps its booking, and a throttled
     // one its backoff (ceiling 32 s).
     assert_eq!(
-        ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.999),
+        ingestor.redelivery_delays(&records, &outcomes, &times_left, || 0.999),
         [Some(10), Some(10), Some(2), Some(3), Some(32)]
     );
     assert_eq!(
-        ingestor.redelivery_delays(&records, &outcomes, &spreads, || 0.2),
+        ingestor.redelivery_delays(&records, &outcomes, &times_left, || 0.2),
         [Some(2), Some(2), Some(1), Some(3), Some(7)]
     );
 }
@@ -274,6 +275,8 @@ struct Draining {
     fall: u64,
     reads: Mutex<Vec<Instant>>,
     delays: Mutex<Vec<i32>>,
+    /// Every change: receipt handle and visibility timeout.
+    changes: Mutex<Vec<(String, i32)>>,
 }
 
 #[async_trait::async_trait]
@@ -288,6 +291,12 @@ impl QueueApi for &'static Draining {
     ) -> Vec<Result<(), crate::sqs::QueueError>> {
         let mut delays = self.delays.lock().unwrap();
         delays.extend(changes.iter().map(|c| c.seconds));
+        let mut all = self.changes.lock().unwrap();
+        all.extend(
+            changes
+                .iter()
+                .map(|c| (c.receipt_handle.clone(), c.seconds)),
+        );
         changes.iter().map(|_| Ok(())).collect()
     }
     async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
@@ -306,6 +315,7 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
         fall: 10,
         reads: Mutex::default(),
         delays: Mutex::default(),
+        changes: Mutex::default(),
     }));
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
     let records = batch(5);
@@ -354,6 +364,85 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
+    fastrand::seed(11);
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    let queue: &'static Draining = Box::leak(Box::new(Draining {
+        depth: Mutex::new(980),
+        fall: 0,
+        reads: Mutex::default(),
+        delays: Mutex::default(),
+        changes: Mutex::default(),
+    }));
+    let config = Config {
+        max_receive_count: Some(5),
+        ..slow_config()
+    };
+    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+    // 1,000 messages, 980 two seconds later: 98 s left at 10/s.
+    ingestor.gauge.observe(ARN, Instant::now(), 1000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 980);
+    let records = batch(1);
+    let no_slot = || {
+        Outcome::Retry(
+            Failure::new("RateLimited", "no slot"),
+            Redelivery::Within(Duration::from_secs(60)),
+        )
+    };
+    // Six handed back for want of a slot, two throttled (their backoff stands), two made.
+    let outcomes: Vec<Outcome> = (0..10)
+        .map(|i| match i {
+            0..6 => no_slot(),
+            6 | 7 => retry(),
+            _ => Outcome::Skipped("made".into()),
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(30);
+    ingestor
+        .delay_redeliveries(&records, &outcomes, until)
+        .await;
+    let delays: BTreeMap<String, i32> = queue.changes.lock().unwrap().drain(..).collect();
+    assert_eq!(delays.len(), 8);
+    // The limiter's one slot is taken: no room, nothing called back.
+    ingestor
+        .limiter
+        .reserve(Instant::now(), until, Duration::ZERO)
+        .unwrap();
+    assert_eq!(ingestor.call_back(&records, until).await, 0);
+    assert!(queue.changes.lock().unwrap().is_empty());
+    // A slot a second: one call-back each, the furthest due first, each made visible at once.
+    let mut called = Vec::new();
+    for _ in 0..6 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let n = ingestor.call_back(&records, until).await;
+        let changes: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
+        assert_eq!(changes.len(), n);
+        assert!(n <= 1, "{changes:?}");
+        for (handle, seconds) in changes {
+            assert_eq!(seconds, 0);
+            called.push(handle);
+        }
+    }
+    let mut away: Vec<(i32, String)> = (0..6)
+        .map(|i| {
+            let handle = format!("rh-{i}");
+            (delays[&handle], handle)
+        })
+        .collect();
+    away.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<&String> = away.iter().map(|(_, handle)| handle).collect();
+    assert!(called.len() >= 4, "{called:?} of {away:?}");
+    assert_eq!(
+        called.iter().collect::<Vec<_>>(),
+        expected[..called.len()],
+        "{away:?}"
+    );
+    // The throttled messages keep their backoff.
+    assert!(called.iter().all(|h| h != "rh-6" && h != "rh-7"));
+}
+
 /// Runs `records` through `ingestor` with a minute to go: (messages created, messages handed
 /// back, seconds taken).
 async fn drain_batch(ingestor: &Ingestor<Instant0>, records: &[SqsMessage]) -> (usize, usize, f64) {
@@ -382,6 +471,7 @@ async fn with_a_receive_budget_messages_wait_for_their_slots_until_the_backlog_d
             fall,
             reads: Mutex::default(),
             delays: Mutex::default(),
+            changes: Mutex::default(),
         }))
     };
     // A backlog falling by 10 messages a read. The first batch finds no drain rate: at 1
