@@ -10,8 +10,10 @@
 //! The queue's depth is the one thing every instance sees alike. While the backlog drains, the
 //! time left is about `depth / drain rate`; a message handed back at a uniformly random time
 //! within that, from whichever instance, makes the returns of all instances together arrive
-//! evenly until the backlog is gone, and `overbook` times faster than it has been draining, so
-//! a quota the instances are not yet using is found. The gauge keeps, per queue, the depths it
+//! evenly until the backlog is gone. A message with hand-backs to spare comes back [`OVERBOOK`]
+//! times faster than the backlog has been draining, so a quota the instances are not yet using
+//! is found; one on its last two hand-backs at the drain rate itself
+//! ([`crate::redelivery::Budget::overbook`]). The gauge keeps, per queue, the depths it
 //! has read over the last [`WINDOW`]; the drain rate is the fall from the oldest of them to the
 //! newest. With no fall to measure (too little history, or a backlog steady or growing), it
 //! gives no estimate, and the limiter's booking decides as before.

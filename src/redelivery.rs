@@ -21,6 +21,11 @@
 //!   from the first reading of its depth, until its fall is measured: [`crate::drain`]); after
 //!   that each hand-back goes at a random time within the time the backlog has left, however
 //!   far that is, so the few hand-backs a message has are made from a measured rate.
+//! - **Paced on its last hand-backs, and called back into free slots.** A message with more
+//!   than [`PACED_HAND_BACKS`] hand-backs left returns faster than the backlog drains, to find
+//!   quota not yet used; its last ones return at the drain rate, since a return that misses
+//!   waits in an invocation on its last allowed delivery ([`Budget::overbook`]). Quota those
+//!   returns leave unused goes to messages called back from the queue ([`Away`]).
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
