@@ -82,11 +82,7 @@ impl<A: AssetApi> Ingestor<A> {
             .iter()
             .zip(outcomes)
             .filter_map(|(record, outcome)| {
-                matches!(
-                    outcome,
-                    Outcome::Retry(_, Redelivery::After(_) | Redelivery::Within(_))
-                )
-                .then_some(record.event_source_arn.as_deref()?)
+                no_slot(outcome).then_some(record.event_source_arn.as_deref()?)
             });
         let arns: BTreeSet<&str> = unbooked.collect();
         let mut times_left = BTreeMap::new();
@@ -171,12 +167,8 @@ impl<A: AssetApi> Ingestor<A> {
                 continue;
             };
             // Spread over its backlog's time left for want of a slot: it may be called back.
-            let callable = times_left.contains_key(arn)
-                && fifo_group(record).is_none()
-                && matches!(
-                    outcome,
-                    Outcome::Retry(_, Redelivery::After(_) | Redelivery::Within(_))
-                );
+            let callable =
+                times_left.contains_key(arn) && fifo_group(record).is_none() && no_slot(outcome);
             let entry = by_queue.entry(arn).or_default();
             entry.0.push(VisibilityChange {
                 receipt_handle: receipt_handle.to_string(),
@@ -274,4 +266,12 @@ impl<A: AssetApi> Ingestor<A> {
         }
         called_back
     }
+}
+
+/// Whether `outcome` hands its message back for want of a request slot.
+fn no_slot(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Retry(_, Redelivery::After(_) | Redelivery::Within(_))
+    )
 }
