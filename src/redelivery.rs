@@ -26,6 +26,11 @@
 //!   quota not yet used; its last ones return at the drain rate, since a return that misses
 //!   waits in an invocation on its last allowed delivery ([`Budget::overbook`]). Quota those
 //!   returns leave unused goes to messages called back from the queue ([`Away`]).
+//! - **Placed where few are due.** Of [`PLACEMENT_CHOICES`] random times within the spread, a
+//!   hand-back takes the one with the fewest of this instance's hand-backs due within
+//!   [`PLACEMENT_WINDOW`] ([`Away::due_near`]): a return that misses its slot is handed back
+//!   again, and uniform draws over the time left heap those again-returns up towards the
+//!   backlog's end, where they wait on their last delivery, billed.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
@@ -41,7 +46,7 @@
 //!   `DEADLINE_MARGIN_MS`, at least [`MIN_MARGIN`]; an attempt is started while at least
 //!   [`MIN_ATTEMPT`] is left before that, and clamped to the time left.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -282,26 +287,80 @@ pub const CALL_BACK_MOST: usize = 10;
 /// let go (they come back by themselves soonest). A receipt handle is a few hundred bytes.
 pub const AWAY_KEPT: usize = 1000;
 
+/// Of a hand-back's [`PLACEMENT_CHOICES`] random times, the one with the fewest of this
+/// instance's hand-backs due within [`PLACEMENT_WINDOW`] of it is taken ([`Away::due_near`]).
+pub const PLACEMENT_CHOICES: usize = 3;
+
+/// The stretch either side of a time over which the hand-backs due are counted.
+pub const PLACEMENT_WINDOW: Duration = Duration::from_secs(1);
+
 /// The messages this instance handed back for want of a request slot, per queue: when each is
 /// due back and the receipt handle it can be called back with. A message handed back is still
 /// in flight, so `ChangeMessageVisibility` to 0 with the receipt handle of its last receive
 /// makes it visible at once, with no extra receive: quota the returns leave unused is filled
 /// with the messages handed back furthest ahead ([`Budget::overbook`]).
-#[derive(Debug, Default)]
+///
+/// It also counts how many of them are due in each second, so a hand-back can be placed where
+/// few are due ([`Away::due_near`]): each return that finds no slot on the instance that
+/// receives it is handed back again, and uniform random times over the backlog's time left
+/// heap those again-returns up towards its end.
+#[derive(Debug)]
 pub struct Away {
-    queues: Mutex<HashMap<String, Vec<(Instant, String)>>>,
+    origin: Instant,
+    queues: Mutex<HashMap<String, Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Due time and receipt handle of the messages that may be called back, at most
+    /// [`AWAY_KEPT`].
+    callable: Vec<(Instant, String)>,
+    /// How many messages handed back are due in each second since [`Away::origin`].
+    due_per_second: BTreeMap<u64, u32>,
+}
+
+impl Default for Away {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            queues: Mutex::default(),
+        }
+    }
 }
 
 impl Away {
+    fn second(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_secs()
+    }
+
     /// Keeps a message handed back to `queue`, due back at `due`.
     pub fn hold(&self, queue: &str, due: Instant, receipt_handle: String) {
+        let now = self.second(Instant::now());
         let mut queues = self.queues.lock().expect("away lock");
         let held = queues.entry(queue.to_string()).or_default();
-        held.push((due, receipt_handle));
-        if held.len() > AWAY_KEPT {
-            held.sort_by_key(|(due, _)| *due);
-            held.drain(..held.len() - AWAY_KEPT);
+        // Seconds past are forgotten.
+        held.due_per_second = held.due_per_second.split_off(&now);
+        *held.due_per_second.entry(self.second(due)).or_default() += 1;
+        held.callable.push((due, receipt_handle));
+        if held.callable.len() > AWAY_KEPT {
+            held.callable.sort_by_key(|(due, _)| *due);
+            held.callable.drain(..held.callable.len() - AWAY_KEPT);
         }
+    }
+
+    /// How many of the messages this instance handed back to `queue` are due within
+    /// [`PLACEMENT_WINDOW`] of `at`, called back ones not counted.
+    pub fn due_near(&self, queue: &str, at: Instant) -> usize {
+        let queues = self.queues.lock().expect("away lock");
+        let Some(held) = queues.get(queue) else {
+            return 0;
+        };
+        let window = PLACEMENT_WINDOW.as_secs();
+        let second = self.second(at);
+        held.due_per_second
+            .range(second.saturating_sub(window)..=second + window)
+            .map(|(_, n)| *n as usize)
+            .sum()
     }
 
     /// The receipt handles of the messages of `queue` to call back at `now`: of those due more
@@ -317,15 +376,21 @@ impl Away {
         let Some(held) = queues.get_mut(queue) else {
             return Vec::new();
         };
-        held.retain(|(due, _)| due.saturating_duration_since(now) > CALL_BACK_AHEAD);
-        if held.is_empty() {
-            queues.remove(queue);
+        held.callable
+            .retain(|(due, _)| due.saturating_duration_since(now) > CALL_BACK_AHEAD);
+        if held.callable.is_empty() {
             return Vec::new();
         }
-        let available = held.len().min(CALL_BACK_MOST);
+        let available = held.callable.len().min(CALL_BACK_MOST);
         let n = room(available).min(available);
-        held.sort_by_key(|(due, _)| *due);
-        held.split_off(held.len() - n)
+        held.callable.sort_by_key(|(due, _)| *due);
+        let taken = held.callable.split_off(held.callable.len() - n);
+        for (due, _) in &taken {
+            if let Some(count) = held.due_per_second.get_mut(&self.second(*due)) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        taken
             .into_iter()
             .rev()
             .map(|(_, receipt_handle)| receipt_handle)
@@ -557,6 +622,29 @@ mod tests {
                 .map(|_| away.take("q", now, |_| usize::MAX).len())
                 .sum::<usize>();
         assert_eq!(rest + CALL_BACK_MOST, AWAY_KEPT, "the soonest 500 let go");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hand_backs_are_counted_by_the_second_they_are_due_until_called_back_or_past() {
+        let away = Away::default();
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        for (s, handle) in [(5, "a"), (5, "b"), (6, "c"), (9, "d"), (20, "e")] {
+            away.hold("q", at(s), handle.to_string());
+        }
+        // Within a second either side.
+        assert_eq!(away.due_near("q", at(5)), 3);
+        assert_eq!(away.due_near("q", at(8)), 1);
+        assert_eq!(away.due_near("q", at(14)), 0);
+        assert_eq!(away.due_near("other", at(5)), 0);
+        // A message called back is no longer due then.
+        assert_eq!(away.take("q", now, |_| 1), ["e"]);
+        assert_eq!(away.due_near("q", at(20)), 0);
+        // Seconds past are forgotten.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        away.hold("q", at(30), "f".into());
+        assert_eq!(away.due_near("q", at(6)), 0);
+        assert_eq!(away.due_near("q", at(9)), 1);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::{epoch_ms, fifo_group, receive_count, since_first_receive, Ingestor, 
 use crate::backoff::{visibility_seconds, Backoff};
 use crate::drain::spread;
 use crate::mediapackage::AssetApi;
-use crate::redelivery::{Budget, Delays, Redelivery};
+use crate::redelivery::{Budget, Delays, Redelivery, PLACEMENT_CHOICES, PLACEMENT_WINDOW};
 use crate::sqs::{QueueApi, VisibilityChange};
 
 impl<A: AssetApi> Ingestor<A> {
@@ -29,8 +29,10 @@ impl<A: AssetApi> Ingestor<A> {
     /// count ([`Delays::delay`]); `None` where the queue's own timeout applies. A message that
     /// got no request slot comes back at a random time within the spread of its queue's entry
     /// in `times_left` (the backlog's expected time left, see [`crate::drain`]) when there is
-    /// one, overbooked as its budget says ([`Budget::overbook`]). `unit` draws
-    /// the jitter.
+    /// one, overbooked as its budget says ([`Budget::overbook`]): of [`PLACEMENT_CHOICES`]
+    /// such times, the one with the fewest of this instance's hand-backs due near it
+    /// ([`crate::redelivery::Away::due_near`], this batch's included). `unit` draws the
+    /// jitter.
     pub fn redelivery_delays(
         &self,
         records: &[SqsMessage],
@@ -40,6 +42,9 @@ impl<A: AssetApi> Ingestor<A> {
     ) -> Vec<Option<i32>> {
         let delays = self.delays();
         let now_ms = epoch_ms();
+        let now = Instant::now();
+        // This batch's hand-backs placed so far: queue and due time.
+        let mut placed: Vec<(&str, Instant)> = Vec::new();
         records
             .iter()
             .zip(outcomes)
@@ -59,7 +64,25 @@ impl<A: AssetApi> Ingestor<A> {
                     .as_deref()
                     .and_then(|arn| times_left.get(arn))
                     .map(|left| spread(*left, budget.overbook()));
-                let delay = delays.delay(*redelivery, receives, spread, reach, fifo, unit())?;
+                let mut draw = || delays.delay(*redelivery, receives, spread, reach, fifo, unit());
+                let delay = match (record.event_source_arn.as_deref(), spread) {
+                    (Some(arn), Some(_)) if may_call_back(record, outcome) => {
+                        let load = |delay: Duration| {
+                            let due = now + delay;
+                            let here = placed
+                                .iter()
+                                .filter(|(queue, at)| *queue == arn && near(*at, due))
+                                .count();
+                            self.away.due_near(arn, due) + here
+                        };
+                        let delay = (0..PLACEMENT_CHOICES)
+                            .filter_map(|_| draw())
+                            .min_by_key(|delay| load(*delay))?;
+                        placed.push((arn, now + delay));
+                        delay
+                    }
+                    _ => draw()?,
+                };
                 Some(visibility_seconds(
                     delay,
                     since_first_receive(record, now_ms),
@@ -167,8 +190,7 @@ impl<A: AssetApi> Ingestor<A> {
                 continue;
             };
             // Spread over its backlog's time left for want of a slot: it may be called back.
-            let callable =
-                times_left.contains_key(arn) && fifo_group(record).is_none() && no_slot(outcome);
+            let callable = times_left.contains_key(arn) && may_call_back(record, outcome);
             let entry = by_queue.entry(arn).or_default();
             entry.0.push(VisibilityChange {
                 receipt_handle: receipt_handle.to_string(),
@@ -266,6 +288,18 @@ impl<A: AssetApi> Ingestor<A> {
         }
         called_back
     }
+}
+
+/// Whether a message handed back with `outcome` may be called back once spread over its
+/// backlog's time left: handed back for want of a slot, and not in a FIFO group (the group
+/// behind it waits on it, so it is never sent far).
+fn may_call_back(record: &SqsMessage, outcome: &Outcome) -> bool {
+    fifo_group(record).is_none() && no_slot(outcome)
+}
+
+/// Whether two due times fall within [`PLACEMENT_WINDOW`] of each other.
+fn near(a: Instant, b: Instant) -> bool {
+    a.max(b) - a.min(b) <= PLACEMENT_WINDOW
 }
 
 /// Whether `outcome` hands its message back for want of a request slot.

@@ -268,6 +268,53 @@ fn a_message_without_a_slot_comes_back_within_the_time_its_queue_has_left() {
     );
 }
 
+#[test]
+fn a_hand_back_goes_to_the_draw_with_the_fewest_hand_backs_due_near_it() {
+    const QUEUE: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    let message = || {
+        let mut m = record(Some("a"));
+        m.event_source_arn = Some(QUEUE.to_string());
+        m.attributes
+            .insert("ApproximateReceiveCount".into(), "5".into());
+        m
+    };
+    let no_slot = || {
+        Outcome::Retry(
+            Failure::new("RateLimited", "x"),
+            Redelivery::After(Duration::from_secs(3)),
+        )
+    };
+    let records = [message(), message(), message(), message()];
+    let outcomes = [no_slot(), no_slot(), no_slot(), retry()];
+    // 15 s left, spread over 10 s: a draw of 0.2 is 2 s, 0.5 is 5 s, 0.8 is 8 s.
+    let times_left = BTreeMap::from([(QUEUE, Duration::from_secs(15))]);
+    let draws = |units: [f64; 3]| {
+        let mut units = units.into_iter().cycle();
+        move || units.next().unwrap()
+    };
+    // Nothing due yet: the first message keeps its first draw, the next ones avoid the
+    // seconds this batch has already taken. A throttled message draws once: its backoff
+    // (ceiling 32 s) at 0.2.
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &times_left, draws([0.2, 0.2, 0.5])),
+        [Some(2), Some(5), Some(2), Some(7)]
+    );
+    // Four hand-backs already due in 2 s: that draw is never taken.
+    let ingestor = Ingestor::new(NoApi, Config::default());
+    for n in 0..4 {
+        ingestor.away.hold(
+            QUEUE,
+            Instant::now() + Duration::from_secs(2),
+            n.to_string(),
+        );
+    }
+    assert_eq!(
+        ingestor.redelivery_delays(&records, &outcomes, &times_left, draws([0.2, 0.8, 0.5])),
+        [Some(8), Some(5), Some(8), Some(7)]
+    );
+}
+
 /// SQS as a queue whose depth falls by `fall` messages per read, recording the visibility
 /// timeouts set.
 struct Draining {
