@@ -505,11 +505,12 @@ pub async fn invoke_batch(
     function: &dyn Function,
     records: &[SqsMessage],
     mapping: &Mapping,
-) -> (Ending, Duration) {
+) -> (Ending, Duration, usize) {
     let began = Instant::now();
     let deadline = began + mapping.function_timeout;
     let result = tokio::time::timeout_at(deadline, function.invoke(records, deadline)).await;
     let elapsed = began.elapsed();
+    let mut deleted = 0;
     let ending = match result {
         Ok(Ok(response)) => {
             let failed: HashSet<String> = response
@@ -523,12 +524,13 @@ pub async fn invoke_batch(
                 .filter_map(|r| r.receipt_handle.clone())
                 .collect();
             queue.delete(&done).await;
+            deleted = done.len();
             Ending::Answered
         }
         Ok(Err(_)) => Ending::Failed,
         Err(_) => Ending::TimedOut,
     };
-    (ending, elapsed)
+    (ending, elapsed, deleted)
 }
 
 /// What [`serve`] has done so far.
@@ -557,7 +559,7 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
-                let (ending, _) =
+                let (ending, _, _) =
                     invoke_batch(queue.as_ref(), function.as_ref(), &records, &mapping).await;
                 counts.invocations.fetch_add(1, Ordering::Relaxed);
                 if ending != Ending::Answered {
@@ -584,9 +586,13 @@ pub async fn drain(
     let trace = std::env::var("BENCH_TRACE").is_ok();
     // Under BENCH_TRACE: invocations, records and billed seconds by invocation length.
     let histogram: Arc<Mutex<[(u64, usize, f64); LENGTHS.len()]>> = Arc::default();
+    // Under BENCH_TRACE: records of the invocations ended, and of them those deleted, since
+    // the last line.
+    let handled: Arc<(AtomicU64, AtomicU64)> = Arc::default();
     for function in instances {
         let queue = queue.clone();
         let histogram = histogram.clone();
+        let handled = handled.clone();
         pollers.push(tokio::spawn(async move {
             let mut report = DrainReport::default();
             while !queue.is_empty().await && Instant::now() < stop {
@@ -595,9 +601,11 @@ pub async fn drain(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                let (ending, elapsed) =
+                let (ending, elapsed, deleted) =
                     invoke_batch(queue.as_ref(), function.as_ref(), &records, &mapping).await;
                 if trace {
+                    handled.0.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    handled.1.fetch_add(deleted as u64, Ordering::Relaxed);
                     let b = bucket(LENGTHS.iter().map(|(upto, _)| *upto), elapsed.as_millis());
                     let mut h = histogram.lock().unwrap();
                     h[b].0 += 1;
@@ -624,7 +632,15 @@ pub async fn drain(
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 if let Some(line) = queue.trace() {
-                    eprintln!("t={:>5.1}s {line}", start.elapsed().as_secs_f64());
+                    // Of the records of the invocations that ended over the last five seconds,
+                    // those not deleted were reported back (handed back, or to retry).
+                    let received = handled.0.swap(0, Ordering::Relaxed);
+                    let deleted = handled.1.swap(0, Ordering::Relaxed);
+                    let back = received.saturating_sub(deleted);
+                    eprintln!(
+                        "t={:>5.1}s {line} | last 5 s: deleted {deleted} reported {back}",
+                        start.elapsed().as_secs_f64()
+                    );
                 }
             }
         })
