@@ -42,6 +42,16 @@
 //! spread is not bounded further: on `make bench`, a bound of four times the time watched (the
 //! rule before the warm-up) held a 6,000-message backlog's hand-backs to the first minute or
 //! so, and its last deliveries then waited in their invocations (docs/throttling.md).
+//!
+//! The depth also says how much of the quota the other instances can be using. A backlog's last
+//! messages are few and scattered: some held by an instance whose rate AIMD left low, some away
+//! until their time, while the other instances have nothing to do. So an instance holding a
+//! batch may call at the part of the drain rate its batch makes of the depth
+//! ([`DrainGauge::share`]), if that is above its own rate: the depth counts every message in
+//! flight, so these parts add up to the drain rate at most. And once the backlog would drain
+//! within [`ENDGAME`] at its rate ([`DrainGauge::ending`]), each instance calls back every
+//! message it still has away, rather than leave the last of them to come back one by one after
+//! the API has gone idle.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -64,6 +74,9 @@ pub const MIN_SPREAD: Duration = Duration::from_secs(1);
 pub const PEAK_SPAN: Duration = Duration::from_secs(4);
 /// How long a peak drain rate is remembered.
 pub const PEAK_MEMORY: Duration = Duration::from_secs(60);
+/// A backlog that drains within this at its drain rate is in its last seconds: the messages
+/// each instance handed back are called back whole, since the quota can take them all.
+pub const ENDGAME: Duration = Duration::from_secs(2);
 /// How long after it first reads a backlog's depth an instance keeps messages it has no slot
 /// for, rather than hand them back before the gauge has an estimate.
 pub const WARM_UP: Duration = Duration::from_secs(10);
@@ -105,6 +118,20 @@ impl Queue {
         let measured = last_at.saturating_duration_since(*first_at);
         (measured >= span && last < first).then(|| (first - last) as f64 / measured.as_secs_f64())
     }
+
+    /// The latest depth and the rate it drains at: the last ten seconds' rate, or the peak of
+    /// the last minute if higher. `None` without a fall to measure now.
+    fn outlook(&self, now: Instant) -> Option<(u64, f64)> {
+        let rate = self.drain_rate(now, MIN_SPAN)?;
+        let peak = self
+            .rates
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= PEAK_MEMORY)
+            .map(|(_, rate)| *rate)
+            .fold(rate, f64::max);
+        let (_, depth) = self.readings.back()?;
+        Some((*depth, peak))
+    }
 }
 
 impl DrainGauge {
@@ -115,6 +142,27 @@ impl DrainGauge {
     pub fn due(&self, queue: &str, now: Instant) -> bool {
         let queues = self.queues.lock().expect("drain gauge");
         queues.get(queue).is_none_or(|q| q.due(now))
+    }
+
+    /// The part of the backlog's drain rate that `holding` messages of `queue` make of its
+    /// latest depth: the rate at which an instance holding them may call while they are most
+    /// of what is left ([`crate::limiter::RateLimiter::reserve_lifted`]). The depth counts the
+    /// messages in flight, so what every instance may take this way adds up to the drain rate
+    /// at most. `None` without a fall to measure now.
+    pub fn share(&self, queue: &str, now: Instant, holding: u64) -> Option<f64> {
+        let queues = self.queues.lock().expect("drain gauge");
+        let (depth, rate) = queues.get(queue)?.outlook(now)?;
+        Some(rate * holding.min(depth) as f64 / depth.max(1) as f64)
+    }
+
+    /// Whether what is left of `queue`'s backlog drains within [`ENDGAME`] at its drain rate:
+    /// then the messages handed back are called back whole ([`crate::redelivery::Away`]).
+    pub fn ending(&self, queue: &str, now: Instant) -> bool {
+        let queues = self.queues.lock().expect("drain gauge");
+        queues
+            .get(queue)
+            .and_then(|q| q.outlook(now))
+            .is_some_and(|(depth, rate)| depth as f64 <= rate * ENDGAME.as_secs_f64())
     }
 
     /// Claims the next read of `queue`'s depth: true if it is due at `now`, and then it is not
@@ -171,16 +219,8 @@ impl DrainGauge {
     /// to measure now. Hand-backs are spread over it ([`spread`]).
     pub fn time_left(&self, queue: &str, now: Instant) -> Option<Duration> {
         let queues = self.queues.lock().expect("drain gauge");
-        let q = queues.get(queue)?;
-        let rate = q.drain_rate(now, MIN_SPAN)?;
-        let peak = q
-            .rates
-            .iter()
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= PEAK_MEMORY)
-            .map(|(_, rate)| *rate)
-            .fold(rate, f64::max);
-        let (_, last) = q.readings.back()?;
-        Some(Duration::from_secs_f64((*last as f64 / peak).min(1e9)))
+        let (depth, rate) = queues.get(queue)?.outlook(now)?;
+        Some(Duration::from_secs_f64((depth as f64 / rate).min(1e9)))
     }
 }
 
@@ -333,6 +373,35 @@ mod tests {
             spread_at(&gauge, Q, at(t0, 36.0)).unwrap().as_millis(),
             56_666
         );
+    }
+
+    #[test]
+    fn a_batch_may_take_its_part_of_the_drain_rate_and_the_last_two_seconds_are_called_back() {
+        let gauge = DrainGauge::default();
+        let t0 = Instant::now();
+        assert_eq!(gauge.share(Q, t0, 10), None, "never read");
+        assert!(!gauge.ending(Q, t0));
+        // 20/s: 100, 80, 60 left.
+        for second in 0..=2 {
+            gauge.observe(Q, at(t0, second as f64), 100 - 20 * second);
+        }
+        let now = at(t0, 2.0);
+        // Ten messages of the sixty left: a sixth of 20/s.
+        let share = gauge.share(Q, now, 10).unwrap();
+        assert!((share - 20.0 / 6.0).abs() < 1e-9, "{share}");
+        // Three seconds' worth is not the end.
+        assert!(!gauge.ending(Q, now));
+        gauge.observe(Q, at(t0, 3.0), 40);
+        let now = at(t0, 3.0);
+        assert!(gauge.ending(Q, now), "40 left at 20/s");
+        assert!((gauge.share(Q, now, 10).unwrap() - 5.0).abs() < 1e-9);
+        // Holding more than the depth read (read before more came): the drain rate at most.
+        assert!((gauge.share(Q, now, 50).unwrap() - 20.0).abs() < 1e-9);
+        assert_eq!(gauge.share("another queue", now, 10), None);
+        // A backlog that stopped falling for ten seconds gives no part and no end.
+        gauge.observe(Q, at(t0, 14.0), 40);
+        assert_eq!(gauge.share(Q, at(t0, 14.0), 10), None);
+        assert!(!gauge.ending(Q, at(t0, 14.0)));
     }
 
     #[test]

@@ -41,6 +41,11 @@
 //! bucket). `make bench` compares the whole function with the SDK's own CUBIC limiter
 //! (adaptive retry mode).
 //!
+//! A caller may **lift** the pace for its call above the rate: the part of the quota the other
+//! instances cannot be using, as the queue's depth shows ([`crate::drain::DrainGauge::share`]).
+//! The lift spaces the call, not the rate: it neither raises the rate when the call is accepted
+//! nor applies within [`CALL_BACK_QUIET`] of a cut, while the quota has just been found full.
+//!
 //! A caller that cannot get a slot before its own deadline is not made to sleep: it gets a
 //! **booking** instead, the time from now at which this instance expects to have room for it,
 //! taken from a booking line that advances at `overbook` times the rate where the quota was
@@ -65,8 +70,9 @@ use tokio::time::Instant;
 /// The least time between two cuts.
 pub const CUT_COOL_DOWN: Duration = Duration::from_millis(300);
 
-/// No room for call-backs this soon after a cut ([`RateLimiter::room`]): the API has just
-/// said the quota is full, and call-backs would raise the rate the cut lowered.
+/// No room for call-backs ([`RateLimiter::room`]), and no lift ([`RateLimiter::reserve_lifted`]),
+/// this soon after a cut: the API has just said the quota is full, and call-backs would raise
+/// the rate the cut lowered.
 pub const CALL_BACK_QUIET: Duration = Duration::from_secs(2);
 
 /// While probing, the first throttle sets the rate from the calls sent over this last stretch.
@@ -214,6 +220,18 @@ impl RateLimiter {
         latest: Instant,
         horizon: Duration,
     ) -> Result<Permit, Option<Duration>> {
+        self.reserve_lifted(now, latest, horizon, 0.0)
+    }
+
+    /// [`RateLimiter::reserve`], spacing this call at `lift` requests per second if that is
+    /// above the rate (see the module documentation).
+    pub fn reserve_lifted(
+        &self,
+        now: Instant,
+        latest: Instant,
+        horizon: Duration,
+        lift: f64,
+    ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
         if let Some(sent) = &mut state.probing {
             while sent
@@ -230,7 +248,9 @@ impl RateLimiter {
                 unsettled: false,
             });
         }
-        let interval = Duration::from_secs_f64(1.0 / state.rate);
+        let lifted = lift > state.rate && state.settling.is_none() && !cut_lately(&state, now);
+        let pace = if lifted { lift } else { state.rate };
+        let interval = Duration::from_secs_f64(1.0 / pace);
         // GCRA: `next_send` is when the bucket will be full again; a call may go as soon as
         // it is at most `tolerance` ahead of the time it is sent.
         let tolerance = self.tolerance(state.rate);
@@ -241,8 +261,9 @@ impl RateLimiter {
             .max(now);
         if slot <= latest {
             // The limiter was the constraint if this call waited or took the last token:
-            // only then would calling faster have needed a higher rate.
-            let paced = slot > now || state.next_send + interval > now + tolerance;
+            // only then would calling faster have needed a higher rate. A lifted call was
+            // spaced by what the others leave, not by the rate.
+            let paced = !lifted && (slot > now || state.next_send + interval > now + tolerance);
             state.next_send = state.next_send.max(now) + interval;
             return Ok(Permit {
                 at: slot,
@@ -271,10 +292,11 @@ impl RateLimiter {
     /// [`CALL_BACK_QUIET`] of the last cut, while the quota has just been found full.
     pub fn room(&self, now: Instant, most: u32) -> u32 {
         let mut state = self.state.lock().expect("limiter lock");
-        let cut_lately = state
-            .last_cut
-            .is_some_and(|cut| now.saturating_duration_since(cut) < CALL_BACK_QUIET);
-        if most == 0 || state.probing.is_some() || state.settling.is_some() || cut_lately {
+        if most == 0
+            || state.probing.is_some()
+            || state.settling.is_some()
+            || cut_lately(&state, now)
+        {
             return 0;
         }
         let interval = 1.0 / state.rate;
@@ -309,10 +331,21 @@ impl RateLimiter {
         latest: Instant,
         horizon: Duration,
     ) -> Result<Permit, Option<Duration>> {
-        let mut permit = self.reserve(Instant::now(), latest, horizon)?;
+        self.acquire_lifted(latest, horizon, 0.0).await
+    }
+
+    /// [`RateLimiter::acquire`], spacing this call at `lift` if that is above the rate
+    /// ([`RateLimiter::reserve_lifted`]).
+    pub async fn acquire_lifted(
+        &self,
+        latest: Instant,
+        horizon: Duration,
+        lift: f64,
+    ) -> Result<Permit, Option<Duration>> {
+        let mut permit = self.reserve_lifted(Instant::now(), latest, horizon, lift)?;
         tokio::time::sleep_until(permit.at).await;
         if permit.unsettled && !self.is_settling() {
-            permit = self.reserve(Instant::now(), latest, horizon)?;
+            permit = self.reserve_lifted(Instant::now(), latest, horizon, lift)?;
             tokio::time::sleep_until(permit.at).await;
         }
         Ok(permit)
@@ -429,6 +462,13 @@ impl RateLimiter {
     }
 }
 
+/// Whether the last cut was within [`CALL_BACK_QUIET`] of `now`.
+fn cut_lately(state: &State, now: Instant) -> bool {
+    state
+        .last_cut
+        .is_some_and(|cut| now.saturating_duration_since(cut) < CALL_BACK_QUIET)
+}
+
 fn clamp(rate: f64, config: &LimiterConfig) -> f64 {
     let ceiling = config.max_rate.unwrap_or(f64::MAX);
     rate.max(config.min_rate).min(ceiling)
@@ -474,6 +514,52 @@ mod tests {
             .map(|_| ms(limiter.reserve(now, far, NO_HORIZON).unwrap()))
             .collect();
         assert_eq!(again, [2500, 2500, 2500, 2500, 2750]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lifted_call_is_spaced_at_the_lift_and_leaves_the_rate_alone() {
+        let limiter = limiter(2.0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        let ms = |permit: Permit| (permit.at - start).as_millis();
+        let lifted: Vec<Permit> = (0..4)
+            .map(|_| {
+                limiter
+                    .reserve_lifted(start, far, NO_HORIZON, 10.0)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            lifted.iter().map(|p| ms(*p)).collect::<Vec<_>>(),
+            [0, 100, 200, 300]
+        );
+        for permit in &lifted {
+            limiter.on_success(permit);
+        }
+        assert_eq!(limiter.stats().rate, 2.0, "the lift is not the rate");
+        // A lift under the rate changes nothing: calls 500 ms apart, at 2/s.
+        let unlifted: Vec<Permit> = (0..2)
+            .map(|_| limiter.reserve_lifted(start, far, NO_HORIZON, 1.0).unwrap())
+            .collect();
+        assert_eq!(
+            unlifted.iter().map(|p| ms(*p)).collect::<Vec<_>>(),
+            [400, 900]
+        );
+        // Just after a cut (to 1/s here), no lift: the quota was just found full.
+        limiter.on_throttle(&unlifted[1]);
+        assert_eq!(limiter.stats().rate, 1.0);
+        let now = Instant::now();
+        let after_cut: Vec<u128> = (0..2)
+            .map(|_| ms(limiter.reserve_lifted(now, far, NO_HORIZON, 10.0).unwrap()))
+            .collect();
+        assert_eq!(after_cut, [1400, 2400]);
+        // Two seconds on, lifted again.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let now = Instant::now();
+        let again: Vec<u128> = (0..3)
+            .map(|_| ms(limiter.reserve_lifted(now, far, NO_HORIZON, 10.0).unwrap()))
+            .collect();
+        assert_eq!(again, [3400, 3500, 3600]);
     }
 
     #[tokio::test(start_paused = true)]

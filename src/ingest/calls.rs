@@ -40,6 +40,16 @@ impl<A: AssetApi> Ingestor<A> {
         }
     }
 
+    /// How fast a call of `turn` may go whatever the limiter's rate: the part of its queue's
+    /// drain rate that the batch makes of the backlog left ([`crate::drain::DrainGauge::share`]).
+    /// Near a backlog's end the instances holding its last messages may use the quota the
+    /// others, with nothing to do, leave.
+    fn lift(&self, turn: &Turn<'_>) -> f64 {
+        turn.queue_arn
+            .and_then(|arn| self.gauge.share(arn, Instant::now(), turn.holding))
+            .unwrap_or(0.0)
+    }
+
     /// Whether a message that could go back to the queue for want of a slot waits for it
     /// instead, because its queue's backlog is warming up ([`crate::drain::DrainGauge::warming`]):
     /// only with a receive budget, where a hand-back spends one of few deliveries. The batch
@@ -238,7 +248,11 @@ impl<A: AssetApi> Ingestor<A> {
                 CallCounts::add(&self.counts.retried, 1);
             }
             let latest = self.latest(turn, follow_up || attempt > 0).await;
-            let permit = match self.limiter.acquire(latest, turn.horizon).await {
+            let permit = match self
+                .limiter
+                .acquire_lifted(latest, turn.horizon, self.lift(turn))
+                .await
+            {
                 Ok(permit) => permit,
                 Err(eta) => {
                     let redelivery =

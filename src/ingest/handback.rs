@@ -241,7 +241,8 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// Calls back messages this instance handed back for want of a slot, the furthest due
     /// first, as many as its limiter has room for now ([`crate::redelivery::Away`],
-    /// [`crate::limiter::RateLimiter::room`]), giving up at `until`: quota the returns leave
+    /// [`crate::limiter::RateLimiter::room`]), or every one once the backlog is within
+    /// [`crate::drain::ENDGAME`] of its end, giving up at `until`: quota the returns leave
     /// unused is used by messages that were away rather than left idle. Returns how many were
     /// called back. A call-back that fails changes nothing: the message comes back when due.
     pub async fn call_back(&self, records: &[SqsMessage], until: Instant) -> usize {
@@ -255,8 +256,14 @@ impl<A: AssetApi> Ingestor<A> {
         let mut called_back = 0;
         for arn in arns {
             let now = Instant::now();
+            // In the backlog's last seconds the quota can take every message still away.
+            let ending = self.gauge.ending(arn, now);
             let handles = self.away.take(arn, now, |available| {
-                self.limiter.room(now, available as u32) as usize
+                if ending {
+                    available
+                } else {
+                    self.limiter.room(now, available as u32) as usize
+                }
             });
             if handles.is_empty() {
                 continue;

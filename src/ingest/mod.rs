@@ -271,6 +271,8 @@ struct Stops {
     /// Dead-letter sends of the processing step end here, a little before `report`, where
     /// that step is cut: a send and its outcome are never separated by the cut.
     letters: Instant,
+    /// The batch's messages: what this instance holds of its queue's backlog.
+    holding: u64,
 }
 
 /// One message's turn at the API: what decides how long its calls may wait for a request
@@ -284,6 +286,8 @@ pub struct Turn<'a> {
     last_start: Instant,
     hard_stop: Instant,
     horizon: Duration,
+    /// The messages of the batch ([`Stops::holding`]).
+    holding: u64,
 }
 
 impl Turn<'_> {
@@ -298,6 +302,7 @@ impl Turn<'_> {
             last_start: deadline,
             hard_stop: deadline,
             horizon: crate::backoff::SQS_MAX_VISIBILITY,
+            holding: 1,
         }
     }
 }
@@ -495,6 +500,7 @@ impl<A: AssetApi> Ingestor<A> {
             hard_stop,
             report: deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline),
             letters: deadline.checked_sub(2 * RESPONSE_TIME).unwrap_or(deadline),
+            holding: 0,
         }
     }
 
@@ -505,7 +511,10 @@ impl<A: AssetApi> Ingestor<A> {
     /// parsed, and poison ones dead-lettered, whatever the time left; no API attempt starts
     /// unless one can finish before `deadline` less the margin, and every call is cut there.
     pub async fn process_batch(&self, records: &[SqsMessage], deadline: Instant) -> Vec<Outcome> {
-        let stops = self.stops(deadline);
+        let stops = Stops {
+            holding: records.len() as u64,
+            ..self.stops(deadline)
+        };
         let outcomes: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; records.len()]);
         let calls = Calls::default();
         // Collected first so the futures have one concrete type, which keeps the whole batch
@@ -637,6 +646,7 @@ impl<A: AssetApi> Ingestor<A> {
             several: parsed.requests.len() > 1,
             last_start: stops.last_start,
             hard_stop: stops.hard_stop,
+            holding: stops.holding,
             // A booking reaches no further than half the backoff ceiling for this receive: a
             // message the instance cannot serve soon comes back soon, to be booked again from
             // what the limiter has learned by then. (Measured: the whole ceiling, or twice it,

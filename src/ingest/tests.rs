@@ -490,6 +490,101 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
     assert!(called.iter().all(|h| h != "rh-6" && h != "rh-7"));
 }
 
+#[tokio::test(start_paused = true)]
+async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_the_room() {
+    fastrand::seed(11);
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    let queue: &'static Draining = Box::leak(Box::new(Draining {
+        depth: Mutex::new(980),
+        fall: 0,
+        reads: Mutex::default(),
+        delays: Mutex::default(),
+        changes: Mutex::default(),
+    }));
+    let config = Config {
+        max_receive_count: Some(5),
+        ..slow_config()
+    };
+    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+    // 98 s left at 10/s: six messages go back at random within that.
+    ingestor.gauge.observe(ARN, Instant::now(), 1000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 980);
+    let records = batch(1);
+    let outcomes: Vec<Outcome> = (0..10)
+        .map(|i| match i {
+            0..6 => Outcome::Retry(
+                Failure::new("RateLimited", "no slot"),
+                Redelivery::Within(Duration::from_secs(60)),
+            ),
+            _ => Outcome::Skipped("made".into()),
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(30);
+    ingestor
+        .delay_redeliveries(&records, &outcomes, until)
+        .await;
+    let delays: BTreeMap<String, i32> = queue.changes.lock().unwrap().drain(..).collect();
+    assert_eq!(delays.len(), 6);
+    // Every slot taken: no room.
+    let no_room = || {
+        ingestor
+            .limiter
+            .reserve(Instant::now(), until, Duration::ZERO)
+            .unwrap()
+    };
+    no_room();
+    assert_eq!(ingestor.call_back(&records, until).await, 0);
+    // A second later the backlog has fallen to 15 messages, under two seconds at its rate: every
+    // message still due more than a second ahead comes back now, though there is no room.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 15);
+    no_room();
+    let due_later = delays.values().filter(|d| **d > 2).count();
+    assert!(due_later >= 4, "{delays:?}");
+    assert_eq!(ingestor.call_back(&records, until).await, due_later);
+    let called: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
+    assert_eq!(called.len(), due_later);
+    assert!(called
+        .iter()
+        .all(|(handle, seconds)| *seconds == 0 && delays[handle] > 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_holding_most_of_a_backlog_s_last_messages_calls_at_its_drain_rate() {
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    // Third deliveries of five: no hand-back, every message waits for its slot. `depth` is
+    // what is left of a backlog that fell by 20 messages a second over three seconds.
+    async fn third_deliveries(depth: u64) -> f64 {
+        let queue: &'static Draining = Box::leak(Box::new(Draining {
+            depth: Mutex::new(depth),
+            fall: 0,
+            reads: Mutex::default(),
+            delays: Mutex::default(),
+            changes: Mutex::default(),
+        }));
+        let config = Config {
+            max_receive_count: Some(5),
+            ..slow_config()
+        };
+        let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+        for left in [depth + 60, depth + 40, depth + 20] {
+            ingestor.gauge.observe(ARN, Instant::now(), left);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(3)).await;
+        assert_eq!((created, handed_back), (10, 0));
+        seconds
+    }
+    // The batch is all that is left: the other instances have nothing, and the ten go at
+    // 20/s, not at this instance's 1/s.
+    let alone = third_deliveries(10).await;
+    assert!(alone < 1.0, "{alone} s");
+    // Ten of a thousand: the others are busy, and the instance keeps to its own rate.
+    let among = third_deliveries(1000).await;
+    assert!(among >= 3.0, "{among} s");
+}
+
 /// Runs `records` through `ingestor` with a minute to go: (messages created, messages handed
 /// back, seconds taken).
 async fn drain_batch(ingestor: &Ingestor<Instant0>, records: &[SqsMessage]) -> (usize, usize, f64) {
