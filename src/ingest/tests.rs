@@ -354,16 +354,21 @@ impl QueueApi for &'static Draining {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
-    fastrand::seed(7);
-    let queue: &'static Draining = Box::leak(Box::new(Draining {
-        depth: Mutex::new(110),
-        fall: 10,
+/// A [`Draining`] queue `depth` deep, falling by `fall` messages per read, for the test's life.
+fn draining(depth: u64, fall: u64) -> &'static Draining {
+    Box::leak(Box::new(Draining {
+        depth: Mutex::new(depth),
+        fall,
         reads: Mutex::default(),
         delays: Mutex::default(),
         changes: Mutex::default(),
-    }));
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
+    fastrand::seed(7);
+    let queue = draining(110, 10);
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
     let records = batch(5);
     let start = Instant::now();
@@ -415,13 +420,7 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
 async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
     fastrand::seed(11);
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let queue: &'static Draining = Box::leak(Box::new(Draining {
-        depth: Mutex::new(980),
-        fall: 0,
-        reads: Mutex::default(),
-        delays: Mutex::default(),
-        changes: Mutex::default(),
-    }));
+    let queue = draining(980, 0);
     let config = Config {
         max_receive_count: Some(5),
         ..slow_config()
@@ -494,13 +493,7 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
 async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_the_room() {
     fastrand::seed(11);
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let queue: &'static Draining = Box::leak(Box::new(Draining {
-        depth: Mutex::new(980),
-        fall: 0,
-        reads: Mutex::default(),
-        delays: Mutex::default(),
-        changes: Mutex::default(),
-    }));
+    let queue = draining(980, 0);
     let config = Config {
         max_receive_count: Some(5),
         ..slow_config()
@@ -556,13 +549,7 @@ async fn an_instance_holding_most_of_a_backlog_s_last_messages_calls_at_its_drai
     // Third deliveries of five: no hand-back, every message waits for its slot. `depth` is
     // what is left of a backlog that fell by 20 messages a second over three seconds.
     async fn third_deliveries(depth: u64) -> f64 {
-        let queue: &'static Draining = Box::leak(Box::new(Draining {
-            depth: Mutex::new(depth),
-            fall: 0,
-            reads: Mutex::default(),
-            delays: Mutex::default(),
-            changes: Mutex::default(),
-        }));
+        let queue = draining(depth, 0);
         let config = Config {
             max_receive_count: Some(5),
             ..slow_config()
@@ -607,18 +594,9 @@ async fn with_a_receive_budget_messages_wait_for_their_slots_until_the_backlog_d
         max_receive_count: Some(5),
         ..slow_config()
     };
-    let draining = |fall| -> &'static Draining {
-        Box::leak(Box::new(Draining {
-            depth: Mutex::new(1000),
-            fall,
-            reads: Mutex::default(),
-            delays: Mutex::default(),
-            changes: Mutex::default(),
-        }))
-    };
     // A backlog falling by 10 messages a read. The first batch finds no drain rate: at 1
     // request/s every message waits for its slot and is made, none spends a delivery.
-    let queue = draining(10);
+    let queue = draining(1000, 10);
     let ingestor = Ingestor::new(Instant0, config.clone()).with_queue(queue);
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert_eq!((created, handed_back), (10, 0));
@@ -633,7 +611,7 @@ async fn with_a_receive_budget_messages_wait_for_their_slots_until_the_backlog_d
 
     // A backlog that does not fall: batch after batch waits, until ten seconds after the
     // first read.
-    let queue = draining(0);
+    let queue = draining(1000, 0);
     let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
     let start = Instant::now();
     let mut batches = 0;
@@ -648,7 +626,7 @@ async fn with_a_receive_budget_messages_wait_for_their_slots_until_the_backlog_d
     assert!(handed_back >= 5, "{handed_back} handed back");
 
     // Without a receive budget a hand-back costs nothing: no warm-up.
-    let queue = draining(10);
+    let queue = draining(1000, 10);
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
     let (_, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert!(
