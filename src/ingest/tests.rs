@@ -416,53 +416,97 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
     }
 }
 
+fn no_slot() -> Outcome {
+    Outcome::Retry(
+        Failure::new("RateLimited", "no slot"),
+        Redelivery::Within(Duration::from_secs(60)),
+    )
+}
+
+/// An instance with a receive budget of five, on a queue of 1,000 messages that held 980 two
+/// seconds later (98 s left at 10/s), which has just set the redelivery delays of a first
+/// delivery's batch of ten with outcome `outcome(i)` for record `i`.
+struct HandedBack {
+    queue: &'static Draining,
+    ingestor: Ingestor<Instant0>,
+    records: Vec<SqsMessage>,
+    /// The delay set for each receipt handle.
+    delays: BTreeMap<String, i32>,
+    /// The end of the invocation.
+    until: Instant,
+}
+
+impl HandedBack {
+    fn parts(
+        &self,
+    ) -> (
+        &'static Draining,
+        &Ingestor<Instant0>,
+        &[SqsMessage],
+        &BTreeMap<String, i32>,
+        Instant,
+    ) {
+        (
+            self.queue,
+            &self.ingestor,
+            &self.records,
+            &self.delays,
+            self.until,
+        )
+    }
+
+    async fn new(outcome: impl Fn(usize) -> Outcome) -> Self {
+        const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+        fastrand::seed(11);
+        let queue = draining(980, 0);
+        let config = Config {
+            max_receive_count: Some(5),
+            ..slow_config()
+        };
+        let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+        ingestor.gauge.observe(ARN, Instant::now(), 1000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        ingestor.gauge.observe(ARN, Instant::now(), 980);
+        let records = batch(1);
+        let outcomes: Vec<Outcome> = (0..10).map(outcome).collect();
+        let until = Instant::now() + Duration::from_secs(30);
+        ingestor
+            .delay_redeliveries(&records, &outcomes, until)
+            .await;
+        let delays = queue.changes.lock().unwrap().drain(..).collect();
+        Self {
+            queue,
+            ingestor,
+            records,
+            delays,
+            until,
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
-    fastrand::seed(11);
-    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let queue = draining(980, 0);
-    let config = Config {
-        max_receive_count: Some(5),
-        ..slow_config()
-    };
-    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
-    // 1,000 messages, 980 two seconds later: 98 s left at 10/s.
-    ingestor.gauge.observe(ARN, Instant::now(), 1000);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    ingestor.gauge.observe(ARN, Instant::now(), 980);
-    let records = batch(1);
-    let no_slot = || {
-        Outcome::Retry(
-            Failure::new("RateLimited", "no slot"),
-            Redelivery::Within(Duration::from_secs(60)),
-        )
-    };
     // Six handed back for want of a slot, two throttled (their backoff stands), two made.
-    let outcomes: Vec<Outcome> = (0..10)
-        .map(|i| match i {
-            0..6 => no_slot(),
-            6 | 7 => retry(),
-            _ => Outcome::Skipped("made".into()),
-        })
-        .collect();
-    let until = Instant::now() + Duration::from_secs(30);
-    ingestor
-        .delay_redeliveries(&records, &outcomes, until)
-        .await;
-    let delays: BTreeMap<String, i32> = queue.changes.lock().unwrap().drain(..).collect();
+    let away = HandedBack::new(|i| match i {
+        0..6 => no_slot(),
+        6 | 7 => retry(),
+        _ => Outcome::Skipped("made".into()),
+    })
+    .await;
+    let (queue, ingestor, records, delays, until) = away.parts();
     assert_eq!(delays.len(), 8);
     // The limiter's one slot is taken: no room, nothing called back.
     ingestor
         .limiter
         .reserve(Instant::now(), until, Duration::ZERO)
         .unwrap();
-    assert_eq!(ingestor.call_back(&records, until).await, 0);
+    assert_eq!(ingestor.call_back(records, until).await, 0);
     assert!(queue.changes.lock().unwrap().is_empty());
     // A slot a second: one call-back each, the furthest due first, each made visible at once.
     let mut called = Vec::new();
     for _ in 0..6 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        let n = ingestor.call_back(&records, until).await;
+        let n = ingestor.call_back(records, until).await;
         let changes: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
         assert_eq!(changes.len(), n);
         assert!(n <= 1, "{changes:?}");
@@ -491,33 +535,13 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
 
 #[tokio::test(start_paused = true)]
 async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_the_room() {
-    fastrand::seed(11);
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let queue = draining(980, 0);
-    let config = Config {
-        max_receive_count: Some(5),
-        ..slow_config()
-    };
-    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
-    // 98 s left at 10/s: six messages go back at random within that.
-    ingestor.gauge.observe(ARN, Instant::now(), 1000);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    ingestor.gauge.observe(ARN, Instant::now(), 980);
-    let records = batch(1);
-    let outcomes: Vec<Outcome> = (0..10)
-        .map(|i| match i {
-            0..6 => Outcome::Retry(
-                Failure::new("RateLimited", "no slot"),
-                Redelivery::Within(Duration::from_secs(60)),
-            ),
-            _ => Outcome::Skipped("made".into()),
-        })
-        .collect();
-    let until = Instant::now() + Duration::from_secs(30);
-    ingestor
-        .delay_redeliveries(&records, &outcomes, until)
-        .await;
-    let delays: BTreeMap<String, i32> = queue.changes.lock().unwrap().drain(..).collect();
+    let away = HandedBack::new(|i| match i {
+        0..6 => no_slot(),
+        _ => Outcome::Skipped("made".into()),
+    })
+    .await;
+    let (queue, ingestor, records, delays, until) = away.parts();
     assert_eq!(delays.len(), 6);
     // Every slot taken: no room.
     let no_room = || {
@@ -527,7 +551,7 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
             .unwrap()
     };
     no_room();
-    assert_eq!(ingestor.call_back(&records, until).await, 0);
+    assert_eq!(ingestor.call_back(records, until).await, 0);
     // A second later the backlog has fallen to 15 messages, under two seconds at its rate: every
     // message still due more than a second ahead comes back now, though there is no room.
     tokio::time::advance(Duration::from_secs(1)).await;
@@ -535,7 +559,7 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
     no_room();
     let due_later = delays.values().filter(|d| **d > 2).count();
     assert!(due_later >= 4, "{delays:?}");
-    assert_eq!(ingestor.call_back(&records, until).await, due_later);
+    assert_eq!(ingestor.call_back(records, until).await, due_later);
     let called: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
     assert_eq!(called.len(), due_later);
     assert!(called
