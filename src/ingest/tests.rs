@@ -437,24 +437,6 @@ struct HandedBack {
 }
 
 impl HandedBack {
-    fn parts(
-        &self,
-    ) -> (
-        &'static Draining,
-        &Ingestor<Instant0>,
-        &[SqsMessage],
-        &BTreeMap<String, i32>,
-        Instant,
-    ) {
-        (
-            self.queue,
-            &self.ingestor,
-            &self.records,
-            &self.delays,
-            self.until,
-        )
-    }
-
     async fn new(outcome: impl Fn(usize) -> Outcome) -> Self {
         const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
         fastrand::seed(11);
@@ -487,26 +469,31 @@ impl HandedBack {
 #[tokio::test(start_paused = true)]
 async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
     // Six handed back for want of a slot, two throttled (their backoff stands), two made.
-    let away = HandedBack::new(|i| match i {
+    let HandedBack {
+        queue,
+        ingestor,
+        records,
+        delays,
+        until,
+    } = HandedBack::new(|i| match i {
         0..6 => no_slot(),
         6 | 7 => retry(),
         _ => Outcome::Skipped("made".into()),
     })
     .await;
-    let (queue, ingestor, records, delays, until) = away.parts();
     assert_eq!(delays.len(), 8);
     // The limiter's one slot is taken: no room, nothing called back.
     ingestor
         .limiter
         .reserve(Instant::now(), until, Duration::ZERO)
         .unwrap();
-    assert_eq!(ingestor.call_back(records, until).await, 0);
+    assert_eq!(ingestor.call_back(&records, until).await, 0);
     assert!(queue.changes.lock().unwrap().is_empty());
     // A slot a second: one call-back each, the furthest due first, each made visible at once.
     let mut called = Vec::new();
     for _ in 0..6 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        let n = ingestor.call_back(records, until).await;
+        let n = ingestor.call_back(&records, until).await;
         let changes: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
         assert_eq!(changes.len(), n);
         assert!(n <= 1, "{changes:?}");
@@ -536,12 +523,17 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
 #[tokio::test(start_paused = true)]
 async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_the_room() {
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let away = HandedBack::new(|i| match i {
+    let HandedBack {
+        queue,
+        ingestor,
+        records,
+        delays,
+        until,
+    } = HandedBack::new(|i| match i {
         0..6 => no_slot(),
         _ => Outcome::Skipped("made".into()),
     })
     .await;
-    let (queue, ingestor, records, delays, until) = away.parts();
     assert_eq!(delays.len(), 6);
     // Every slot taken: no room.
     let no_room = || {
@@ -551,7 +543,7 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
             .unwrap()
     };
     no_room();
-    assert_eq!(ingestor.call_back(records, until).await, 0);
+    assert_eq!(ingestor.call_back(&records, until).await, 0);
     // A second later the backlog has fallen to 15 messages, under two seconds at its rate: every
     // message still due more than a second ahead comes back now, though there is no room.
     tokio::time::advance(Duration::from_secs(1)).await;
@@ -559,7 +551,7 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
     no_room();
     let due_later = delays.values().filter(|d| **d > 2).count();
     assert!(due_later >= 4, "{delays:?}");
-    assert_eq!(ingestor.call_back(records, until).await, due_later);
+    assert_eq!(ingestor.call_back(&records, until).await, due_later);
     let called: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
     assert_eq!(called.len(), due_later);
     assert!(called
