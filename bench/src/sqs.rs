@@ -92,6 +92,13 @@ pub struct SqsSource {
     arn: String,
     /// The highest `ApproximateReceiveCount` seen of each message.
     receives: Mutex<HashMap<String, u32>>,
+    /// Held across each `ReceiveMessage`: moto checks a message's visibility and marks it
+    /// received without a lock, so two concurrent receives can both return it (in 3 of 60
+    /// tries of three concurrent receives of 20 messages). SQS itself does not hand one copy
+    /// to two concurrent receives but for its rare at-least-once duplicates, which the
+    /// function's idempotence covers; one receive at a time keeps the tests' receive counts
+    /// the function's doing.
+    receiving: tokio::sync::Mutex<()>,
 }
 
 impl SqsSource {
@@ -113,6 +120,7 @@ impl SqsSource {
             url,
             arn,
             receives: Mutex::default(),
+            receiving: tokio::sync::Mutex::default(),
         }
     }
 
@@ -166,15 +174,17 @@ pub fn lambda_record(m: aws_sdk_sqs::types::Message, arn: &str) -> SqsMessage {
 #[async_trait]
 impl Source for SqsSource {
     async fn receive(&self, max: usize) -> Vec<SqsMessage> {
-        let Ok(output) = self
+        let receiving = self.receiving.lock().await;
+        let received = self
             .client
             .receive_message()
             .queue_url(&self.url)
             .max_number_of_messages(max.clamp(1, 10) as i32)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .send()
-            .await
-        else {
+            .await;
+        drop(receiving);
+        let Ok(output) = received else {
             return Vec::new();
         };
         let records: Vec<SqsMessage> = output
