@@ -11,8 +11,9 @@
 //!   the API first throttles: an instance with no evidence of a quota sends a batch's messages
 //!   at once, like TCP's initial window, bounded only by the function's concurrency. The first
 //!   429 sets the rate to half the calls it sent over the last second. Once every call of that
-//!   second has answered, the rate is at most the number the API accepted: instances probing
-//!   together each learn their share. The API's bucket was empty at the first 429, and the
+//!   second has answered (a transient error counts as an answer, not accepted; a call that
+//!   never answers is waited for [`SETTLE_WITHIN`] at most), the rate is at most the number the
+//!   API accepted: instances probing together each learn their share. The API's bucket was empty at the first 429, and the
 //!   shares add up to about its refill, so the limiter's bucket starts empty at that moment
 //!   and slots taken before the answers were in are taken again at the settled rate. Then
 //!   AIMD takes over;
@@ -77,6 +78,12 @@ pub const CALL_BACK_QUIET: Duration = Duration::from_secs(2);
 
 /// While probing, the first throttle sets the rate from the calls sent over this last stretch.
 const PROBE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Settling ends this long after the first throttle even if some probe calls have not answered
+/// (a call dropped at its invocation's deadline never does): the calls not heard from are taken
+/// to have fared as those that answered. Until it ends there is no room for call-backs and no
+/// lift, so an answer that never comes must not hold it for the instance's lifetime.
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 
 /// How the limiter adapts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -148,7 +155,8 @@ struct State {
     /// While probing: when the probe calls of the last second were sent, and whether the API
     /// accepted them.
     probe_answers: VecDeque<(Instant, bool)>,
-    /// After the first throttle, until every probe call of the last second has answered.
+    /// After the first throttle, until every probe call of the last second has answered, or
+    /// [`SETTLE_WITHIN`] has passed.
     settling: Option<Settling>,
 }
 
@@ -171,6 +179,8 @@ pub struct LimiterStats {
     pub slow_start: bool,
     /// Whether the limiter is still probing: no throttle seen, no limit applied.
     pub probing: bool,
+    /// Whether the limiter is still counting the answers to its probe ([`SETTLE_WITHIN`]).
+    pub settling: bool,
 }
 
 /// An AIMD rate limiter with pacing and a booking line; see the module documentation.
@@ -203,11 +213,13 @@ impl RateLimiter {
 
     /// The current rate and phase.
     pub fn stats(&self) -> LimiterStats {
-        let state = self.state.lock().expect("limiter lock");
+        let mut state = self.state.lock().expect("limiter lock");
+        self.settle_overdue(&mut state, Instant::now());
         LimiterStats {
             rate: state.rate,
             slow_start: state.slow_start,
             probing: state.probing.is_some(),
+            settling: state.settling.is_some(),
         }
     }
 
@@ -233,6 +245,7 @@ impl RateLimiter {
         lift: f64,
     ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
+        self.settle_overdue(&mut state, now);
         if let Some(sent) = &mut state.probing {
             while sent
                 .front()
@@ -292,6 +305,7 @@ impl RateLimiter {
     /// [`CALL_BACK_QUIET`] of the last cut, while the quota has just been found full.
     pub fn room(&self, now: Instant, most: u32) -> u32 {
         let mut state = self.state.lock().expect("limiter lock");
+        self.settle_overdue(&mut state, now);
         if most == 0
             || state.probing.is_some()
             || state.settling.is_some()
@@ -352,7 +366,9 @@ impl RateLimiter {
     }
 
     fn is_settling(&self) -> bool {
-        self.state.lock().expect("limiter lock").settling.is_some()
+        let mut state = self.state.lock().expect("limiter lock");
+        self.settle_overdue(&mut state, Instant::now());
+        state.settling.is_some()
     }
 
     /// Counts an answer to a probe call (see [`Settling`]). Once every probe call sent in the
@@ -383,14 +399,48 @@ impl RateLimiter {
         settling.answered += 1;
         settling.accepted += usize::from(accepted);
         if settling.answered >= settling.sent {
-            let share = settling.accepted.max(1) as f64;
-            let cut = settling.cut;
-            state.settling = None;
-            state.rate = clamp(state.rate.min(share), &self.config);
-            // The bucket empty since the first throttle, at the settled rate: the slots taken
-            // meanwhile at the halved window are taken again (`acquire`).
-            state.next_send = self.emptied(state.last_cut.unwrap_or(cut), state.rate);
+            self.settle(state, false);
         }
+    }
+
+    /// Ends the probe's settling, if any: the rate becomes at most the share the API accepted,
+    /// counting the calls not heard from as faring as those that answered. `overdue`: ended by
+    /// [`SETTLE_WITHIN`], long after the slots taken while unsettled went.
+    fn settle(&self, state: &mut State, overdue: bool) {
+        let Some(settling) = state.settling.take() else {
+            return;
+        };
+        let answered = settling.answered.clamp(1, settling.sent.max(1));
+        let share = (settling.accepted * settling.sent) as f64 / answered as f64;
+        state.rate = clamp(state.rate.min(share.max(1.0)), &self.config);
+        // The bucket empty since the first throttle, at the settled rate: the slots taken
+        // meanwhile at the halved window are taken again (`acquire`). Once overdue, those slots
+        // have gone and still count.
+        let emptied = self.emptied(state.last_cut.unwrap_or(settling.cut), state.rate);
+        state.next_send = if overdue {
+            state.next_send.max(emptied)
+        } else {
+            emptied
+        };
+    }
+
+    /// Settles the probe if its answers have been awaited for [`SETTLE_WITHIN`].
+    fn settle_overdue(&self, state: &mut State, now: Instant) {
+        if state
+            .settling
+            .as_ref()
+            .is_some_and(|s| now.saturating_duration_since(s.cut) >= SETTLE_WITHIN)
+        {
+            self.settle(state, true);
+        }
+    }
+
+    /// The call made with `permit` got no answer about the rate: a transient error, an
+    /// exhausted quota, or no answer before the invocation's deadline. It counts among the
+    /// probe's answers as not accepted, and changes nothing else.
+    pub fn on_failure(&self, permit: &Permit) {
+        let mut state = self.state.lock().expect("limiter lock");
+        self.tally(&mut state, permit, false);
     }
 
     /// The call made with `permit` was accepted.
@@ -459,6 +509,15 @@ impl RateLimiter {
         // An empty bucket: the next call waits one interval at the new rate.
         let empty = self.emptied(now, state.rate);
         state.next_send = state.next_send.max(empty);
+        // The first throttle may be the probe's last answer: then there is nothing left to
+        // count, and no later answer would end the settling.
+        if state
+            .settling
+            .as_ref()
+            .is_some_and(|s| s.answered >= s.sent)
+        {
+            self.settle(&mut state, false);
+        }
     }
 }
 
@@ -666,6 +725,68 @@ mod tests {
         // Three of ten accepted: three instances probing a quota of ten at once each end
         // near their share instead of halving to five each, fifteen in all.
         assert_eq!(limiter.stats().rate, 3.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_call_counts_as_answered_and_not_accepted() {
+        let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
+        limiter.on_success(&permits[0]);
+        limiter.on_throttle(&permits[1]);
+        limiter.on_success(&permits[2]);
+        for p in &permits[3..8] {
+            limiter.on_throttle(p);
+        }
+        // Two transient errors (a 503, a timeout): answers, but no word on the rate.
+        limiter.on_failure(&permits[8]);
+        assert!(limiter.stats().settling, "one answer still out");
+        limiter.on_failure(&permits[9]);
+        let stats = limiter.stats();
+        assert!(!stats.settling, "every probe call has answered");
+        assert_eq!(stats.rate, 2.0, "two of ten accepted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_throttle_that_is_the_probe_s_last_answer_settles_it_at_once() {
+        let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
+        for p in &permits[..9] {
+            limiter.on_success(p);
+        }
+        limiter.on_throttle(&permits[9]);
+        let stats = limiter.stats();
+        assert!(!stats.settling, "no answer is left to wait for");
+        assert_eq!(
+            stats.rate, 5.0,
+            "half the ten sent, below the nine accepted"
+        );
+        tokio::time::advance(CALL_BACK_QUIET).await;
+        assert!(limiter.room(Instant::now(), 10) > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_call_that_never_answers_holds_the_settling_only_until_settle_within() {
+        let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
+        limiter.on_success(&permits[0]);
+        limiter.on_success(&permits[1]);
+        limiter.on_throttle(&permits[2]);
+        for p in &permits[3..9] {
+            limiter.on_throttle(p);
+        }
+        // The tenth call was dropped at its invocation's deadline: no answer ever comes.
+        tokio::time::advance(SETTLE_WITHIN - Duration::from_millis(1)).await;
+        let stats = limiter.stats();
+        assert!(stats.settling);
+        assert_eq!(stats.rate, 5.0, "the halved window while settling");
+        assert_eq!(
+            limiter.room(Instant::now(), 10),
+            0,
+            "no call-backs while settling"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let stats = limiter.stats();
+        assert!(!stats.settling);
+        // Two accepted of the nine that answered, of ten sent: the tenth counts as they fared.
+        assert!((stats.rate - 20.0 / 9.0).abs() < 1e-9, "{}", stats.rate);
+        assert_eq!(limiter.room(Instant::now(), 10), 2, "call-backs again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -261,6 +261,7 @@ impl<A: AssetApi> Ingestor<A> {
                 }
             };
             let Ok(result) = tokio::time::timeout_at(turn.hard_stop, call()).await else {
+                self.limiter.on_failure(&permit);
                 return Err(Stop::Deadline { last });
             };
             match result {
@@ -274,9 +275,16 @@ impl<A: AssetApi> Ingestor<A> {
                         self.limiter.on_throttle(&permit);
                         last = Some(error);
                     }
-                    ErrorKind::Transient => last = Some(error),
+                    // No word on the rate, but an answer the probe must not wait for.
+                    ErrorKind::Transient => {
+                        self.limiter.on_failure(&permit);
+                        last = Some(error);
+                    }
                     // Not a rate problem: it must not shrink the rate for other messages.
-                    ErrorKind::QuotaExceeded => return Err(Stop::Api(error)),
+                    ErrorKind::QuotaExceeded => {
+                        self.limiter.on_failure(&permit);
+                        return Err(Stop::Api(error));
+                    }
                     _ => {
                         // The API took the request, so the rate was fine.
                         self.limiter.on_success(&permit);

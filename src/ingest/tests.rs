@@ -1011,6 +1011,41 @@ async fn an_unthrottled_cold_instance_sends_the_whole_batch_at_once_and_hands_no
     assert_eq!(Instant::now() - start, Duration::from_millis(50));
 }
 
+/// Answers its first calls from a script (an error of that kind, or `None` for success) after
+/// 50 ms, and every later call with success.
+struct Scripted(Mutex<std::collections::VecDeque<Option<ErrorKind>>>);
+
+#[async_trait::async_trait]
+impl AssetApi for Scripted {
+    async fn create_asset(&self, request: &AssetRequest) -> Result<Asset, ApiError> {
+        let answer = self.0.lock().unwrap().pop_front().flatten();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match answer {
+            Some(kind) => Err(ApiError::local(kind, "Scripted", "as scripted")),
+            None => Ok(Asset::of(request)),
+        }
+    }
+    async fn describe_asset(&self, _: &AssetId) -> Result<Option<Asset>, ApiError> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_call_that_fails_transiently_does_not_keep_the_instance_from_settling() {
+    let script = [Some(ErrorKind::Transient), Some(ErrorKind::Throttled), None];
+    let ingestor = Ingestor::new(Scripted(Mutex::new(script.into())), slow_config_defaults());
+    let outcomes = ingestor
+        .process_batch(&batch(1)[..3], Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_all_created(&outcomes);
+    // Every probe call has answered, the 503 too (its retry went out as a fourth probe call):
+    // the probe has settled, and once the quiet after the cut is over there is room for
+    // call-backs, not [`crate::limiter::SETTLE_WITHIN`] later.
+    assert!(!ingestor.limiter.stats().settling);
+    tokio::time::advance(crate::limiter::CALL_BACK_QUIET).await;
+    assert!(ingestor.limiter.room(Instant::now(), 10) > 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_three_second_invocation_with_a_slow_api_still_makes_its_calls() {
     // 1.5 s per call; the margin is 600 ms of the 3 s, so a call started at once fits.
