@@ -12,11 +12,11 @@
 //!   at once, like TCP's initial window, bounded only by the function's concurrency. The first
 //!   429 sets the rate to half the calls it sent over the last second. Once every call of that
 //!   second has answered (a transient error counts as an answer, not accepted; a call that
-//!   never answers is waited for [`SETTLE_WITHIN`] at most), the rate is at most the number the
-//!   API accepted: instances probing together each learn their share. The API's bucket was empty at the first 429, and the
-//!   shares add up to about its refill, so the limiter's bucket starts empty at that moment
-//!   and slots taken before the answers were in are taken again at the settled rate. Then
-//!   AIMD takes over;
+//!   never answers is waited for [`SETTLE_WITHIN`] at most), the rate is at most the number
+//!   the API accepted: instances probing together each learn their share. The API's bucket
+//!   was empty at the first 429, and the shares add up to about its refill, so the limiter's
+//!   bucket starts empty at that moment and slots taken before the answers were in are taken
+//!   again at the settled rate. Then AIMD takes over;
 //! - **slow start**: with a starting rate given, until the first throttle, each paced success adds half a request/s, so the
 //!   rate grows exponentially (e-fold every two seconds) and an unknown quota is found in a few
 //!   seconds without several instances starting together overshooting it far;
@@ -405,7 +405,7 @@ impl RateLimiter {
 
     /// Ends the probe's settling, if any: the rate becomes at most the share the API accepted,
     /// counting the calls not heard from as faring as those that answered. `overdue`: ended by
-    /// [`SETTLE_WITHIN`], long after the slots taken while unsettled went.
+    /// [`SETTLE_WITHIN`], when the calls given slots while it settled have long gone out.
     fn settle(&self, state: &mut State, overdue: bool) {
         let Some(settling) = state.settling.take() else {
             return;
@@ -414,8 +414,8 @@ impl RateLimiter {
         let share = (settling.accepted * settling.sent) as f64 / answered as f64;
         state.rate = clamp(state.rate.min(share.max(1.0)), &self.config);
         // The bucket empty since the first throttle, at the settled rate: the slots taken
-        // meanwhile at the halved window are taken again (`acquire`). Once overdue, those slots
-        // have gone and still count.
+        // meanwhile at the halved window are taken again (`acquire`). Once overdue, those calls
+        // went out at their slots, and the bucket keeps them.
         let emptied = self.emptied(state.last_cut.unwrap_or(settling.cut), state.rate);
         state.next_send = if overdue {
             state.next_send.max(emptied)
