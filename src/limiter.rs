@@ -727,19 +727,26 @@ mod tests {
         assert_eq!(limiter.stats().rate, 3.0);
     }
 
+    /// Answers `permits` in order, one letter each: `A` accepted, `T` throttled, `F` failed.
+    fn answer(limiter: &RateLimiter, permits: &[Permit], answers: &str) {
+        assert_eq!(permits.len(), answers.len());
+        for (permit, answer) in permits.iter().zip(answers.chars()) {
+            match answer {
+                'A' => limiter.on_success(permit),
+                'T' => limiter.on_throttle(permit),
+                'F' => limiter.on_failure(permit),
+                other => panic!("no answer {other}"),
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_call_counts_as_answered_and_not_accepted() {
         let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
-        limiter.on_success(&permits[0]);
-        limiter.on_throttle(&permits[1]);
-        limiter.on_success(&permits[2]);
-        for p in &permits[3..8] {
-            limiter.on_throttle(p);
-        }
-        // Two transient errors (a 503, a timeout): answers, but no word on the rate.
-        limiter.on_failure(&permits[8]);
+        // Then two transient errors (a 503, a timeout): answers, but no word on the rate.
+        answer(&limiter, &permits[..9], "ATATTTTTF");
         assert!(limiter.stats().settling, "one answer still out");
-        limiter.on_failure(&permits[9]);
+        answer(&limiter, &permits[9..], "F");
         let stats = limiter.stats();
         assert!(!stats.settling, "every probe call has answered");
         assert_eq!(stats.rate, 2.0, "two of ten accepted");
@@ -748,10 +755,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_first_throttle_that_is_the_probe_s_last_answer_settles_it_at_once() {
         let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
-        for p in &permits[..9] {
-            limiter.on_success(p);
-        }
-        limiter.on_throttle(&permits[9]);
+        answer(&limiter, &permits, "AAAAAAAAAT");
         let stats = limiter.stats();
         assert!(!stats.settling, "no answer is left to wait for");
         assert_eq!(
@@ -765,12 +769,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_call_that_never_answers_holds_the_settling_only_until_settle_within() {
         let (limiter, permits) = ten_probe_calls_answered_50ms_later().await;
-        limiter.on_success(&permits[0]);
-        limiter.on_success(&permits[1]);
-        limiter.on_throttle(&permits[2]);
-        for p in &permits[3..9] {
-            limiter.on_throttle(p);
-        }
+        answer(&limiter, &permits[..9], "AATTTTTTT");
         // The tenth call was dropped at its invocation's deadline: no answer ever comes.
         tokio::time::advance(SETTLE_WITHIN - Duration::from_millis(1)).await;
         let stats = limiter.stats();
