@@ -469,32 +469,26 @@ impl HandedBack {
 #[tokio::test(start_paused = true)]
 async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
     // Six handed back for want of a slot, two throttled (their backoff stands), two made.
-    let HandedBack {
-        queue,
-        ingestor,
-        records,
-        delays,
-        until,
-    } = HandedBack::new(|i| match i {
+    let back = HandedBack::new(|i| match i {
         0..6 => no_slot(),
         6 | 7 => retry(),
         _ => Outcome::Skipped("made".into()),
     })
     .await;
-    assert_eq!(delays.len(), 8);
+    assert_eq!(back.delays.len(), 8);
     // The limiter's one slot is taken: no room, nothing called back.
-    ingestor
+    back.ingestor
         .limiter
-        .reserve(Instant::now(), until, Duration::ZERO)
+        .reserve(Instant::now(), back.until, Duration::ZERO)
         .unwrap();
-    assert_eq!(ingestor.call_back(&records, until).await, 0);
-    assert!(queue.changes.lock().unwrap().is_empty());
+    assert_eq!(back.ingestor.call_back(&back.records, back.until).await, 0);
+    assert!(back.queue.changes.lock().unwrap().is_empty());
     // A slot a second: one call-back each, the furthest due first, each made visible at once.
     let mut called = Vec::new();
     for _ in 0..6 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        let n = ingestor.call_back(&records, until).await;
-        let changes: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
+        let n = back.ingestor.call_back(&back.records, back.until).await;
+        let changes: Vec<(String, i32)> = back.queue.changes.lock().unwrap().drain(..).collect();
         assert_eq!(changes.len(), n);
         assert!(n <= 1, "{changes:?}");
         for (handle, seconds) in changes {
@@ -505,7 +499,7 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
     let mut away: Vec<(i32, String)> = (0..6)
         .map(|i| {
             let handle = format!("rh-{i}");
-            (delays[&handle], handle)
+            (back.delays[&handle], handle)
         })
         .collect();
     away.sort_by(|a, b| b.cmp(a));
@@ -523,40 +517,37 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
 #[tokio::test(start_paused = true)]
 async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_the_room() {
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let HandedBack {
-        queue,
-        ingestor,
-        records,
-        delays,
-        until,
-    } = HandedBack::new(|i| match i {
+    let back = HandedBack::new(|i| match i {
         0..6 => no_slot(),
         _ => Outcome::Skipped("made".into()),
     })
     .await;
-    assert_eq!(delays.len(), 6);
+    assert_eq!(back.delays.len(), 6);
     // Every slot taken: no room.
     let no_room = || {
-        ingestor
+        back.ingestor
             .limiter
-            .reserve(Instant::now(), until, Duration::ZERO)
+            .reserve(Instant::now(), back.until, Duration::ZERO)
             .unwrap()
     };
     no_room();
-    assert_eq!(ingestor.call_back(&records, until).await, 0);
+    assert_eq!(back.ingestor.call_back(&back.records, back.until).await, 0);
     // A second later the backlog has fallen to 15 messages, under two seconds at its rate: every
     // message still due more than a second ahead comes back now, though there is no room.
     tokio::time::advance(Duration::from_secs(1)).await;
-    ingestor.gauge.observe(ARN, Instant::now(), 15);
+    back.ingestor.gauge.observe(ARN, Instant::now(), 15);
     no_room();
-    let due_later = delays.values().filter(|d| **d > 2).count();
-    assert!(due_later >= 4, "{delays:?}");
-    assert_eq!(ingestor.call_back(&records, until).await, due_later);
-    let called: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
+    let due_later = back.delays.values().filter(|d| **d > 2).count();
+    assert!(due_later >= 4, "{:?}", back.delays);
+    assert_eq!(
+        back.ingestor.call_back(&back.records, back.until).await,
+        due_later
+    );
+    let called: Vec<(String, i32)> = back.queue.changes.lock().unwrap().drain(..).collect();
     assert_eq!(called.len(), due_later);
     assert!(called
         .iter()
-        .all(|(handle, seconds)| *seconds == 0 && delays[handle] > 2));
+        .all(|(handle, seconds)| *seconds == 0 && back.delays[handle] > 2));
 }
 
 #[tokio::test(start_paused = true)]
