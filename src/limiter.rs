@@ -358,17 +358,11 @@ impl RateLimiter {
     ) -> Result<Permit, Option<Duration>> {
         let mut permit = self.reserve_lifted(Instant::now(), latest, horizon, lift)?;
         tokio::time::sleep_until(permit.at).await;
-        if permit.unsettled && !self.is_settling() {
+        if permit.unsettled && !self.stats().settling {
             permit = self.reserve_lifted(Instant::now(), latest, horizon, lift)?;
             tokio::time::sleep_until(permit.at).await;
         }
         Ok(permit)
-    }
-
-    fn is_settling(&self) -> bool {
-        let mut state = self.state.lock().expect("limiter lock");
-        self.settle_overdue(&mut state, Instant::now());
-        state.settling.is_some()
     }
 
     /// Counts an answer to a probe call (see [`Settling`]). Once every probe call sent in the
