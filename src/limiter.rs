@@ -17,9 +17,10 @@
 //!   was empty at the first 429, and the shares add up to about its refill, so the limiter's
 //!   bucket starts empty at that moment and slots taken before the answers were in are taken
 //!   again at the settled rate. Then AIMD takes over;
-//! - **slow start**: with a starting rate given, until the first throttle, each paced success adds half a request/s, so the
-//!   rate grows exponentially (e-fold every two seconds) and an unknown quota is found in a few
-//!   seconds without several instances starting together overshooting it far;
+//! - **slow start**: with a starting rate given, until the first throttle, each paced success
+//!   adds half a request/s, so the rate grows exponentially (e-fold every two seconds) and an
+//!   unknown quota is found in a few seconds without several instances starting together
+//!   overshooting it far;
 //! - **additive increase**: afterwards each paced success adds `additive / rate`, so the rate
 //!   grows by `additive` requests/s per second while the API accepts;
 //! - **multiplicative decrease**: a 429 multiplies the rate by `decrease`, at most once per
