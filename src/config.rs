@@ -46,6 +46,10 @@ pub struct Config {
     pub initial_rate: Option<f64>,
     /// `MAX_REQUESTS_PER_SECOND`: a ceiling on the limiter's rate, per instance (default none).
     pub max_rate: Option<f64>,
+    /// `INITIAL_WINDOW`: while it has no evidence of a quota, how many calls an instance sends
+    /// before the API has answered any (default 10, TCP's initial window). Each accepted answer
+    /// lets two more go, as TCP's slow start does: with 5, a batch of ten takes two round trips.
+    pub initial_window: u32,
     /// `REQUEST_BURST_MS`: how much of its rate, in time, an instance that has been calling
     /// less than its rate may send at once (default 1000: one second's worth).
     pub burst: Duration,
@@ -101,6 +105,7 @@ impl Default for Config {
             api_max_attempts: 3,
             initial_rate: None,
             max_rate: limiter.max_rate,
+            initial_window: limiter.initial_window,
             burst: limiter.burst,
             permit_wait: Duration::from_millis(150),
             max_receive_count: None,
@@ -154,6 +159,8 @@ impl Config {
                 .map_or(defaults.api_max_attempts, |v| v as u32),
             initial_rate: rate(&get, "INITIAL_REQUESTS_PER_SECOND")?,
             max_rate: rate(&get, "MAX_REQUESTS_PER_SECOND")?,
+            initial_window: number(&get, "INITIAL_WINDOW", 1, 1000)?
+                .map_or(defaults.initial_window, |v| v as u32),
             burst: ms("REQUEST_BURST_MS", defaults.burst, 0, 60_000)?,
             permit_wait: ms("PERMIT_WAIT_MS", defaults.permit_wait, 0, 900_000)?,
             max_receive_count: number(&get, "MAX_RECEIVE_COUNT", 1, 1000)?.map(|v| v as u32),
@@ -398,6 +405,7 @@ mod tests {
             ("API_MAX_ATTEMPTS", "2"),
             ("INITIAL_REQUESTS_PER_SECOND", "2.5"),
             ("MAX_REQUESTS_PER_SECOND", "40"),
+            ("INITIAL_WINDOW", "4"),
             ("PERMIT_WAIT_MS", "250"),
             ("MAX_RECEIVE_COUNT", "20"),
             ("REQUEST_BURST_MS", "500"),
@@ -422,6 +430,7 @@ mod tests {
         assert_eq!(c.api_max_attempts, 2);
         assert_eq!(c.initial_rate, Some(2.5));
         assert_eq!(c.max_rate, Some(40.0));
+        assert_eq!(c.initial_window, 4);
         assert_eq!(c.permit_wait, Duration::from_millis(250));
         assert_eq!(c.max_receive_count, Some(20));
         assert_eq!(c.burst, Duration::from_millis(500));

@@ -7,16 +7,21 @@
 //! an invocation is not billed for waiting between them, while over any longer stretch it
 //! stays at `rate`. It adapts `rate` by AIMD from how the API answers:
 //!
-//! - **probing**: with no starting rate given (`probe`), the limiter does not limit at all until
-//!   the API first throttles: an instance with no evidence of a quota sends a batch's messages
-//!   at once, like TCP's initial window, bounded only by the function's concurrency. The first
-//!   429 sets the rate to half the calls it sent over the last second. Once every call of that
-//!   second has answered (a transient error counts as an answer, not accepted; a call that
-//!   never answers is waited for [`SETTLE_WITHIN`] at most), the rate is at most the number
-//!   the API accepted: instances probing together each learn their share. The API's bucket
-//!   was empty at the first 429, and the shares add up to about its refill, so the limiter's
-//!   bucket starts empty at that moment and slots taken before the answers were in are taken
-//!   again at the settled rate. Then AIMD takes over;
+//! - **probing**: with no starting rate given (`probe`), the limiter does not limit the rate
+//!   until the API first throttles: an instance with no evidence of a quota sends a batch's
+//!   messages at once, bounded by the function's concurrency and by a window, as TCP's slow
+//!   start is: `initial_window` calls before the API has answered any, and each accepted
+//!   answer lets two more go (the one it frees and one more), so the window doubles every
+//!   round trip. Cold instances starting together thus send their first windows, not all
+//!   their concurrency allows, before the first answers say anything of the quota. A call
+//!   waits for the window [`WINDOW_HOLD`] at most: an API slower than that is not waited on.
+//!   The first 429 sets the rate to half the calls it sent over the last second. Once every
+//!   call of that second has answered (a transient error counts as an answer, not accepted; a
+//!   call that never answers is waited for [`SETTLE_WITHIN`] at most), the rate is at most the
+//!   number the API accepted: instances probing together each learn their share. The API's
+//!   bucket was empty at the first 429, and the shares add up to about its refill, so the
+//!   limiter's bucket starts empty at that moment and slots taken before the answers were in
+//!   are taken again at the settled rate. Then AIMD takes over;
 //! - **slow start**: with a starting rate given, until the first throttle, each paced success
 //!   adds half a request/s, so the rate grows exponentially (e-fold every two seconds) and an
 //!   unknown quota is found in a few seconds without several instances starting together
@@ -67,6 +72,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The least time between two cuts.
@@ -76,6 +82,10 @@ pub const CUT_COOL_DOWN: Duration = Duration::from_millis(300);
 /// this soon after a cut: the API has just said the quota is full, and call-backs would raise
 /// the rate the cut lowered.
 pub const CALL_BACK_QUIET: Duration = Duration::from_secs(2);
+
+/// While probing, the longest a call waits for room in the window before it goes anyway: an
+/// answer slower than this is no reason to hold a cold batch back.
+pub const WINDOW_HOLD: Duration = Duration::from_millis(250);
 
 /// While probing, the first throttle sets the rate from the calls sent over this last stretch.
 const PROBE_WINDOW: Duration = Duration::from_secs(1);
@@ -112,6 +122,9 @@ pub struct LimiterConfig {
     /// Whether to start unlimited and learn the rate from the first throttle (see the module
     /// documentation) instead of starting at `initial_rate`.
     pub probe: bool,
+    /// While probing: the calls sent before the API has answered any (at least one; 10 by
+    /// default, TCP's initial window).
+    pub initial_window: u32,
 }
 
 impl Default for LimiterConfig {
@@ -127,6 +140,7 @@ impl Default for LimiterConfig {
             cool_down: CUT_COOL_DOWN,
             burst: Duration::from_secs(1),
             probe: false,
+            initial_window: 10,
         }
     }
 }
@@ -156,6 +170,9 @@ struct State {
     /// While probing: when the probe calls of the last second were sent, and whether the API
     /// accepted them.
     probe_answers: VecDeque<(Instant, bool)>,
+    /// While probing: how many calls may be out unanswered, and how many are.
+    window: usize,
+    out: usize,
     /// After the first throttle, until every probe call of the last second has answered, or
     /// [`SETTLE_WITHIN`] has passed.
     settling: Option<Settling>,
@@ -189,6 +206,20 @@ pub struct LimiterStats {
 pub struct RateLimiter {
     config: LimiterConfig,
     state: Mutex<State>,
+    /// Woken when the probe's window may have room: an answer came, or probing ended.
+    answered: Notify,
+}
+
+/// What a call got from the probe's window ([`RateLimiter::enter_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// A probe slot, now.
+    Entered(Permit),
+    /// The first throttle came while the call waited: ask for a slot at the rate being learned
+    /// ([`RateLimiter::acquire`]) as a call the API refused would.
+    Closed,
+    /// Not probing: ask for a slot ([`RateLimiter::acquire`]).
+    Shut,
 }
 
 impl RateLimiter {
@@ -207,8 +238,11 @@ impl RateLimiter {
                 peak: rate,
                 probing: config.probe.then(Default::default),
                 probe_answers: VecDeque::new(),
+                window: config.initial_window.max(1) as usize,
+                out: 0,
                 settling: None,
             }),
+            answered: Notify::new(),
         }
     }
 
@@ -247,20 +281,8 @@ impl RateLimiter {
     ) -> Result<Permit, Option<Duration>> {
         let mut state = self.state.lock().expect("limiter lock");
         self.settle_overdue(&mut state, now);
-        if let Some(sent) = &mut state.probing {
-            while sent
-                .front()
-                .is_some_and(|at| now.duration_since(*at) >= PROBE_WINDOW)
-            {
-                sent.pop_front();
-            }
-            sent.push_back(now);
-            return Ok(Permit {
-                at: now,
-                paced: false,
-                probe: true,
-                unsettled: false,
-            });
+        if state.probing.is_some() {
+            return Ok(probe_call(&mut state, now));
         }
         let lifted = lift > state.rate && state.settling.is_none() && !cut_lately(&state, now);
         let pace = if lifted { lift } else { state.rate };
@@ -295,6 +317,33 @@ impl RateLimiter {
         }
         state.next_book = booked + Duration::from_secs_f64(1.0 / booking_rate);
         Err(Some(booked - now))
+    }
+
+    /// While probing, takes a place in the window: at once if it has room, else as soon as an
+    /// answer makes room, or once [`WINDOW_HOLD`] has passed (or `latest`, if sooner) whatever
+    /// the window. [`Window::Closed`] if the first throttle came meanwhile, and
+    /// [`Window::Shut`] if the limiter was not probing.
+    pub async fn enter_window(&self, latest: Instant) -> Window {
+        let held = (Instant::now() + WINDOW_HOLD).min(latest);
+        let mut waited = false;
+        loop {
+            // Registered before looking, so that an answer in between is not missed.
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            let now = Instant::now();
+            {
+                let mut state = self.state.lock().expect("limiter lock");
+                if state.probing.is_none() {
+                    return if waited { Window::Closed } else { Window::Shut };
+                }
+                if state.out < state.window || now >= held {
+                    return Window::Entered(probe_call(&mut state, now));
+                }
+            }
+            waited = true;
+            let _ = tokio::time::timeout_at(held, answered).await;
+        }
     }
 
     /// How many calls this instance could send at once at `now`, at most `most`: room for
@@ -340,7 +389,8 @@ impl RateLimiter {
     }
 
     /// Waits for a slot no later than `latest`; see [`RateLimiter::reserve`]. A slot taken
-    /// before the probe settled is taken again once it has, at the settled rate.
+    /// before the probe settled is taken again once it has, at the settled rate. While
+    /// probing, a caller that keeps to the window asks [`RateLimiter::enter_window`] first.
     pub async fn acquire(
         &self,
         latest: Instant,
@@ -375,6 +425,9 @@ impl RateLimiter {
         }
         if state.probing.is_some() {
             let now = Instant::now();
+            state.out = state.out.saturating_sub(1);
+            state.window += usize::from(accepted);
+            self.answered.notify_waiters();
             state.probe_answers.push_back((permit.at, accepted));
             while state
                 .probe_answers
@@ -473,7 +526,9 @@ impl RateLimiter {
         let now = Instant::now();
         if let Some(sent) = state.probing.take() {
             // The first throttle: the quota lies below what was sent over the last second. The
-            // answers still to come tell how far below (`tally`).
+            // answers still to come tell how far below (`tally`). Calls waiting for the window
+            // now ask for a slot at the rate instead.
+            self.answered.notify_waiters();
             let window = sent
                 .iter()
                 .filter(|at| now.duration_since(**at) < PROBE_WINDOW)
@@ -513,6 +568,26 @@ impl RateLimiter {
         {
             self.settle(&mut state, false);
         }
+    }
+}
+
+/// A probe call sent at `now`: counted among the last second's calls and those out.
+fn probe_call(state: &mut State, now: Instant) -> Permit {
+    if let Some(sent) = &mut state.probing {
+        while sent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= PROBE_WINDOW)
+        {
+            sent.pop_front();
+        }
+        sent.push_back(now);
+    }
+    state.out += 1;
+    Permit {
+        at: now,
+        paced: false,
+        probe: true,
+        unsettled: false,
     }
 }
 
@@ -685,6 +760,97 @@ mod tests {
         assert_eq!(stats.rate, 20.0);
         let next = limiter.reserve(now, far, NO_HORIZON).unwrap();
         assert_eq!(next.at - now, Duration::from_millis(50));
+    }
+
+    /// A probing limiter with an initial window of 5 and ten callers asking it for a place at
+    /// once, each reporting what it got.
+    fn ten_cold_callers() -> (
+        std::sync::Arc<RateLimiter>,
+        tokio::sync::mpsc::UnboundedReceiver<Window>,
+    ) {
+        let limiter = std::sync::Arc::new(RateLimiter::new(LimiterConfig {
+            probe: true,
+            initial_window: 5,
+            ..LimiterConfig::default()
+        }));
+        let far = Instant::now() + Duration::from_secs(60);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..10 {
+            let (limiter, tx) = (limiter.clone(), tx.clone());
+            tokio::spawn(async move {
+                tx.send(limiter.enter_window(far).await).unwrap();
+            });
+        }
+        (limiter, rx)
+    }
+
+    /// The probe slots granted so far, once every task that can run has run; panics on
+    /// anything else.
+    async fn entered(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Window>) -> Vec<Permit> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut permits = Vec::new();
+        while let Ok(window) = rx.try_recv() {
+            match window {
+                Window::Entered(permit) => permits.push(permit),
+                other => panic!("{other:?}"),
+            }
+        }
+        permits
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cold_instance_sends_its_initial_window_then_two_calls_per_accepted_answer() {
+        let (limiter, mut rx) = ten_cold_callers();
+        let first = entered(&mut rx).await;
+        assert_eq!(first.len(), 5, "the initial window");
+        assert!(first.iter().all(|p| p.probe && !p.paced));
+        // Two answers, both accepted: each frees its place and widens the window by one.
+        limiter.on_success(&first[0]);
+        limiter.on_success(&first[1]);
+        assert_eq!(entered(&mut rx).await.len(), 4);
+        // The other three accepted: the window (ten) covers the whole batch, two round trips.
+        for permit in &first[2..] {
+            limiter.on_success(permit);
+        }
+        assert_eq!(entered(&mut rx).await.len(), 1);
+        assert!(limiter.stats().probing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_answer_frees_its_place_in_the_window_without_widening_it() {
+        let (limiter, mut rx) = ten_cold_callers();
+        let first = entered(&mut rx).await;
+        limiter.on_failure(&first[0]);
+        assert_eq!(entered(&mut rx).await.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cold_call_waits_for_the_window_no_longer_than_the_hold() {
+        let start = Instant::now();
+        let (_limiter, mut rx) = ten_cold_callers();
+        assert_eq!(entered(&mut rx).await.len(), 5);
+        // No answer at all (an API slower than the hold): the rest go once the hold is over.
+        tokio::time::sleep_until(start + WINDOW_HOLD).await;
+        let rest = entered(&mut rx).await;
+        assert_eq!(rest.len(), 5);
+        assert!(rest.iter().all(|p| p.at == start + WINDOW_HOLD && p.probe));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_throttle_closes_the_window_on_the_calls_waiting_for_it() {
+        let (limiter, mut rx) = ten_cold_callers();
+        let first = entered(&mut rx).await;
+        // Two accepted: four more go, and the last caller waits for the window.
+        limiter.on_success(&first[0]);
+        limiter.on_success(&first[1]);
+        assert_eq!(entered(&mut rx).await.len(), 4);
+        // Then a 429: the caller still waiting is told to ask for a slot at the rate instead.
+        limiter.on_throttle(&first[2]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(rx.try_recv().unwrap(), Window::Closed);
+        // A caller that comes after the probe is told it is over without waiting.
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(limiter.enter_window(far).await, Window::Shut);
     }
 
     /// A probing limiter that sent ten calls at once, 50 ms ago, none answered yet.

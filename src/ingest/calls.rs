@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Failure, Ingestor, Outcome, Ready, Stop, Turn};
+use crate::limiter::Window;
 use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{AssetId, AssetRequest, PackagingGroupId, RoleArn, SourceArn};
 use crate::metrics::CallCounts;
@@ -247,17 +248,27 @@ impl<A: AssetApi> Ingestor<A> {
             if attempt > 0 {
                 CallCounts::add(&self.counts.retried, 1);
             }
-            let latest = self.latest(turn, follow_up || attempt > 0).await;
-            let permit = match self
-                .limiter
-                .acquire_lifted(latest, turn.horizon, self.lift(turn))
-                .await
-            {
-                Ok(permit) => permit,
-                Err(eta) => {
-                    let redelivery =
-                        eta.map_or(Redelivery::Within(turn.horizon), Redelivery::After);
-                    return Err(Stop::NoSlot { redelivery, last });
+            // A cold instance sends within its probe's window. A call that was still waiting for
+            // room when the first 429 came asks for its slot as a refused call would: it may
+            // go back to the queue rather than wait out the warm-up at the rate just learned.
+            let window = self.limiter.enter_window(turn.last_start).await;
+            let permit = match window {
+                Window::Entered(permit) => permit,
+                Window::Closed | Window::Shut => {
+                    let again = follow_up || attempt > 0 || window == Window::Closed;
+                    let latest = self.latest(turn, again).await;
+                    match self
+                        .limiter
+                        .acquire_lifted(latest, turn.horizon, self.lift(turn))
+                        .await
+                    {
+                        Ok(permit) => permit,
+                        Err(eta) => {
+                            let redelivery =
+                                eta.map_or(Redelivery::Within(turn.horizon), Redelivery::After);
+                            return Err(Stop::NoSlot { redelivery, last });
+                        }
+                    }
                 }
             };
             let Ok(result) = tokio::time::timeout_at(turn.hard_stop, call()).await else {

@@ -348,6 +348,7 @@ impl<A: AssetApi> Ingestor<A> {
                 .or(config.max_rate)
                 .unwrap_or(fallback.initial_rate),
             max_rate: config.max_rate,
+            initial_window: config.initial_window,
             burst: config.burst,
             ..fallback
         });

@@ -859,6 +859,21 @@ async fn at_the_default_settings_a_slow_refusal_is_still_checked_with_describe_a
 }
 
 /// The default settings with a packaging group and role for the bodies of [`batch`].
+/// Ten messages like [`batch`]'s first delivery, for ten other assets.
+fn other_batch() -> Vec<SqsMessage> {
+    batch(1)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut m)| {
+            m.message_id = Some(format!("n{i}"));
+            m.body = Some(format!(
+                r#"{{"sourceArn":"arn:aws:s3:::bucket/n{i}.m3u8"}}"#
+            ));
+            m
+        })
+        .collect()
+}
+
 fn slow_config_defaults() -> Config {
     Config {
         packaging_group_id: slow_config().packaging_group_id,
@@ -998,8 +1013,53 @@ async fn an_unthrottled_cold_instance_sends_the_whole_batch_at_once_and_hands_no
         .process_batch(&batch(1), start + Duration::from_secs(3))
         .await;
     assert_all_created(&outcomes);
-    // Ten calls of 50 ms, all at once: one round trip, not ten.
+    // Ten calls of 50 ms, all at once (the initial window is ten): one round trip, not ten.
     assert_eq!(Instant::now() - start, Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_smaller_initial_window_sends_a_cold_batch_in_two_round_trips_then_one() {
+    let ingestor = Ingestor::new(
+        Fake::new(50),
+        Config {
+            initial_window: 5,
+            ..slow_config_defaults()
+        },
+    );
+    let start = Instant::now();
+    let outcomes = ingestor
+        .process_batch(&batch(1), start + Duration::from_secs(3))
+        .await;
+    assert_all_created(&outcomes);
+    // Five calls, then the other five as the first answers come in: two round trips.
+    assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    // Warm, the window has grown past the batch: ten other assets in one round trip.
+    let start = Instant::now();
+    let outcomes = ingestor
+        .process_batch(&other_batch(), start + Duration::from_secs(3))
+        .await;
+    assert_all_created(&outcomes);
+    assert_eq!(Instant::now() - start, Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_instance_allowed_more_than_its_window_at_once_sends_the_window_first() {
+    let ingestor = Ingestor::new(
+        Fake::new(50),
+        Config {
+            max_concurrency: 20,
+            ..slow_config_defaults()
+        },
+    );
+    let twenty: Vec<SqsMessage> = batch(1).into_iter().chain(other_batch()).collect();
+    let start = Instant::now();
+    let outcomes = ingestor
+        .process_batch(&twenty, start + Duration::from_secs(3))
+        .await;
+    assert_all_created(&outcomes);
+    assert_eq!(ingestor.api.counts().0, 20);
+    // Ten calls (the initial window), then ten more as their answers come in.
+    assert_eq!(Instant::now() - start, Duration::from_millis(100));
 }
 
 /// Answers its first calls from a script (an error of that kind, or `None` for success) after
@@ -1035,6 +1095,30 @@ async fn a_probe_call_that_fails_transiently_does_not_keep_the_instance_from_set
     assert!(!ingestor.limiter.stats().settling);
     tokio::time::advance(crate::limiter::CALL_BACK_QUIET).await;
     assert!(ingestor.limiter.room(Instant::now(), 10) > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_still_waiting_for_the_window_at_the_first_429_may_go_back_as_refused_calls_do() {
+    // A cold instance with a window of five, a receive budget and a backlog warming up: a
+    // first call would wait there for its slot, but the five left waiting when the first of
+    // the window is throttled ask as the refused call does, and may go back to the queue.
+    let config = Config {
+        initial_window: 5,
+        max_receive_count: Some(5),
+        ..slow_config_defaults()
+    };
+    let queue = draining(1000, 10);
+    let script = [Some(ErrorKind::Throttled), None, None, None, None];
+    let ingestor = Ingestor::new(Scripted(Mutex::new(script.into())), config).with_queue(queue);
+    let response = ingestor
+        .handle_batch(&batch(1), Instant::now() + Duration::from_secs(60))
+        .await
+        .unwrap();
+    // Four of the window made; the rate learned is 2.5/s, so of the six left (the throttled
+    // call's retry and the five) those without a slot within two intervals go back.
+    let handed_back = response.batch_item_failures.len();
+    assert!((2..=6).contains(&handed_back), "{handed_back} handed back");
+    assert_eq!(queue.delays.lock().unwrap().len(), handed_back);
 }
 
 #[tokio::test(start_paused = true)]
