@@ -219,7 +219,7 @@ pub enum Window {
     /// ([`RateLimiter::acquire`]) as a call the API refused would.
     Closed,
     /// Not probing: ask for a slot ([`RateLimiter::acquire`]).
-    Shut,
+    NotProbing,
 }
 
 impl RateLimiter {
@@ -322,7 +322,7 @@ impl RateLimiter {
     /// While probing, takes a place in the window: at once if it has room, else as soon as an
     /// answer makes room, or once [`WINDOW_HOLD`] has passed (or `latest`, if sooner) whatever
     /// the window. [`Window::Closed`] if the first throttle came meanwhile, and
-    /// [`Window::Shut`] if the limiter was not probing.
+    /// [`Window::NotProbing`] if the limiter was not probing.
     pub async fn enter_window(&self, latest: Instant) -> Window {
         let held = (Instant::now() + WINDOW_HOLD).min(latest);
         let mut waited = false;
@@ -335,7 +335,11 @@ impl RateLimiter {
             {
                 let mut state = self.state.lock().expect("limiter lock");
                 if state.probing.is_none() {
-                    return if waited { Window::Closed } else { Window::Shut };
+                    return if waited {
+                        Window::Closed
+                    } else {
+                        Window::NotProbing
+                    };
                 }
                 if state.out < state.window || now >= held {
                     return Window::Entered(probe_call(&mut state, now));
@@ -850,7 +854,7 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), Window::Closed);
         // A caller that comes after the probe is told it is over without waiting.
         let far = Instant::now() + Duration::from_secs(60);
-        assert_eq!(limiter.enter_window(far).await, Window::Shut);
+        assert_eq!(limiter.enter_window(far).await, Window::NotProbing);
     }
 
     /// A probing limiter that sent ten calls at once, 50 ms ago, none answered yet.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Failure, Ingestor, Outcome, Ready, Stop, Turn};
-use crate::limiter::Window;
+use crate::limiter::{Permit, Window};
 use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{AssetId, AssetRequest, PackagingGroupId, RoleArn, SourceArn};
 use crate::metrics::CallCounts;
@@ -227,6 +227,24 @@ impl<A: AssetApi> Ingestor<A> {
         })
     }
 
+    /// A request slot for a call of `turn` (`again`: a follow-up or a retry): a place in the
+    /// probe's window while the instance probes, else a slot from the limiter within
+    /// [`Ingestor::latest`]. `Err`: when the message should come back instead. A call that was
+    /// still waiting for room in the window when the first 429 came asks as the refused call it
+    /// would have been with a wider window: it may go back to the queue rather than wait out
+    /// the warm-up at the rate just learned.
+    async fn slot(&self, turn: &Turn<'_>, again: bool) -> Result<Permit, Redelivery> {
+        let window = self.limiter.enter_window(turn.last_start).await;
+        if let Window::Entered(permit) = window {
+            return Ok(permit);
+        }
+        let latest = self.latest(turn, again || window == Window::Closed).await;
+        self.limiter
+            .acquire_lifted(latest, turn.horizon, self.lift(turn))
+            .await
+            .map_err(|eta| eta.map_or(Redelivery::Within(turn.horizon), Redelivery::After))
+    }
+
     /// Makes `call` through the rate limiter, up to `API_MAX_ATTEMPTS` times while it is
     /// throttled or fails transiently, and teaches the limiter from each answer. Each attempt
     /// waits for its own slot ([`Ingestor::latest`]) and is cut at the turn's hard stop.
@@ -248,28 +266,9 @@ impl<A: AssetApi> Ingestor<A> {
             if attempt > 0 {
                 CallCounts::add(&self.counts.retried, 1);
             }
-            // A cold instance sends within its probe's window. A call that was still waiting for
-            // room when the first 429 came asks for its slot as a refused call would: it may
-            // go back to the queue rather than wait out the warm-up at the rate just learned.
-            let window = self.limiter.enter_window(turn.last_start).await;
-            let permit = match window {
-                Window::Entered(permit) => permit,
-                Window::Closed | Window::Shut => {
-                    let again = follow_up || attempt > 0 || window == Window::Closed;
-                    let latest = self.latest(turn, again).await;
-                    match self
-                        .limiter
-                        .acquire_lifted(latest, turn.horizon, self.lift(turn))
-                        .await
-                    {
-                        Ok(permit) => permit,
-                        Err(eta) => {
-                            let redelivery =
-                                eta.map_or(Redelivery::Within(turn.horizon), Redelivery::After);
-                            return Err(Stop::NoSlot { redelivery, last });
-                        }
-                    }
-                }
+            let permit = match self.slot(turn, follow_up || attempt > 0).await {
+                Ok(permit) => permit,
+                Err(redelivery) => return Err(Stop::NoSlot { redelivery, last }),
             };
             let Ok(result) = tokio::time::timeout_at(turn.hard_stop, call()).await else {
                 self.limiter.on_failure(&permit);
