@@ -31,6 +31,14 @@
 //!   [`PLACEMENT_WINDOW`] ([`Away::due_near`]): a return that misses its slot is handed back
 //!   again, and uniform draws over the time left heap those again-returns up towards the
 //!   backlog's end, where they wait on their last delivery, billed.
+//! - **Pushed later where too many are due.** An instance with no room to call back counts
+//!   its own hand-backs due over the next [`PUSH_BACK_SPAN`] (past [`CALL_BACK_AHEAD`]). If
+//!   that is more than its part of the drain rate serves in that time (its messages away over
+//!   the queue's depth, times the drain rate), the excess, furthest due first, is moved later
+//!   within the backlog's time left, placed as hand-backs are ([`Away::crowded`]). This spends
+//!   no receive: a return that would find no slot is handed back again, spending a delivery,
+//!   or waits billed on its last one. Call-backs correct a spread that proves too long; this
+//!   corrects one that proves too short.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
@@ -294,6 +302,18 @@ pub const PLACEMENT_CHOICES: usize = 3;
 /// The stretch either side of a time over which the hand-backs due are counted.
 pub const PLACEMENT_WINDOW: Duration = Duration::from_secs(1);
 
+/// The stretch, past [`CALL_BACK_AHEAD`], over which an instance with no room to call back
+/// compares its hand-backs due with what its part of the drain rate serves
+/// ([`push_back_keeps`]).
+pub const PUSH_BACK_SPAN: Duration = Duration::from_secs(2);
+
+/// How many of an instance's hand-backs due over [`PUSH_BACK_SPAN`] stay where they are when
+/// its part of the queue's drain rate is `rate` messages a second: what that rate serves over
+/// the span. The rest are pushed later ([`Away::crowded`]).
+pub fn push_back_keeps(rate: f64) -> usize {
+    (rate.max(0.0) * PUSH_BACK_SPAN.as_secs_f64()).floor() as usize
+}
+
 /// The messages this instance handed back for want of a request slot, per queue: when each is
 /// due back and the receipt handle it can be called back with. A message handed back is still
 /// in flight, so `ChangeMessageVisibility` to 0 with the receipt handle of its last receive
@@ -361,6 +381,60 @@ impl Away {
             .range(second.saturating_sub(window)..=second + window)
             .map(|(_, n)| *n as usize)
             .sum()
+    }
+
+    /// How many of the messages this instance handed back to `queue` are due from `now` on,
+    /// called back ones not counted.
+    pub fn due_from(&self, queue: &str, now: Instant) -> usize {
+        let queues = self.queues.lock().expect("away lock");
+        queues.get(queue).map_or(0, |held| {
+            held.due_per_second
+                .range(self.second(now)..)
+                .map(|(_, n)| *n as usize)
+                .sum()
+        })
+    }
+
+    /// The messages of `queue` to push later because too many are due in `(from, to]`: when
+    /// more than `keep` are due in its whole seconds, the excess of those that may be called
+    /// back, furthest due first, with their due times. They are no longer held: the caller
+    /// holds each again where it goes, or where it was if it could not be moved.
+    pub fn crowded(
+        &self,
+        queue: &str,
+        from: Instant,
+        to: Instant,
+        keep: usize,
+    ) -> Vec<(Instant, String)> {
+        let mut queues = self.queues.lock().expect("away lock");
+        let Some(held) = queues.get_mut(queue) else {
+            return Vec::new();
+        };
+        let due: usize = held
+            .due_per_second
+            .range(self.second(from) + 1..=self.second(to))
+            .map(|(_, n)| *n as usize)
+            .sum();
+        let Some(mut excess) = due.checked_sub(keep).filter(|n| *n > 0) else {
+            return Vec::new();
+        };
+        held.callable.sort_by_key(|(due, _)| *due);
+        let mut taken = Vec::new();
+        let mut i = held.callable.len();
+        while i > 0 && excess > 0 {
+            i -= 1;
+            let due = held.callable[i].0;
+            if due > from && due <= to {
+                taken.push(held.callable.remove(i));
+                excess -= 1;
+            }
+        }
+        for (due, _) in &taken {
+            if let Some(count) = held.due_per_second.get_mut(&self.second(*due)) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        taken
     }
 
     /// The receipt handles of the messages of `queue` to call back at `now`: of those due more
@@ -645,6 +719,46 @@ mod tests {
         away.hold("q", at(30), "f".into());
         assert_eq!(away.due_near("q", at(6)), 0);
         assert_eq!(away.due_near("q", at(9)), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crowded_stretch_gives_up_its_furthest_due_beyond_what_is_kept() {
+        let away = Away::default();
+        let now = Instant::now();
+        let at = |ms: u64| now + Duration::from_millis(ms);
+        for (ms, handle) in [
+            (2100, "a"),
+            (2200, "b"),
+            (2400, "c"),
+            (2900, "d"),
+            (500, "soon"),
+            (8000, "far"),
+        ] {
+            away.hold("q", at(ms), handle.to_string());
+        }
+        assert_eq!(away.due_from("q", now), 6);
+        assert_eq!(away.due_from("q", at(3000)), 1);
+        // Four due in the second after `from`; two are kept, the two furthest due given up.
+        let from = at(1000);
+        let to = at(3000);
+        assert!(away.crowded("q", from, to, 4).is_empty());
+        let taken = away.crowded("q", from, to, 2);
+        assert_eq!(
+            taken,
+            [(at(2900), "d".to_string()), (at(2400), "c".to_string())]
+        );
+        // No longer counted or held, until held again where they go.
+        assert_eq!(away.due_from("q", now), 4);
+        assert!(away.crowded("q", from, to, 2).is_empty());
+        for (_, handle) in taken {
+            away.hold("q", at(20_000), handle);
+        }
+        assert_eq!(away.due_near("q", at(20_000)), 2);
+        assert_eq!(away.take("q", now, |_| 2), ["c", "d"]);
+        assert!(away.crowded("other", from, to, 0).is_empty());
+        assert_eq!(push_back_keeps(1.07), 2);
+        assert_eq!(push_back_keeps(0.3), 0);
+        assert_eq!(push_back_keeps(-1.0), 0);
     }
 
     #[test]

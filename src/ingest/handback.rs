@@ -7,10 +7,13 @@ use aws_lambda_events::event::sqs::SqsMessage;
 use tokio::time::Instant;
 
 use super::{epoch_ms, fifo_group, receive_count, since_first_receive, Ingestor, Outcome};
-use crate::backoff::{visibility_seconds, Backoff};
+use crate::backoff::{visibility_seconds, Backoff, SQS_MAX_VISIBILITY};
 use crate::drain::spread;
 use crate::mediapackage::AssetApi;
-use crate::redelivery::{Budget, Delays, Redelivery, PLACEMENT_CHOICES, PLACEMENT_WINDOW};
+use crate::redelivery::{
+    push_back_keeps, Budget, Delays, Redelivery, CALL_BACK_AHEAD, PLACEMENT_CHOICES,
+    PLACEMENT_WINDOW, PUSH_BACK_SPAN,
+};
 use crate::sqs::{QueueApi, VisibilityChange};
 
 impl<A: AssetApi> Ingestor<A> {
@@ -243,17 +246,18 @@ impl<A: AssetApi> Ingestor<A> {
     /// first, as many as its limiter has room for now ([`crate::redelivery::Away`],
     /// [`crate::limiter::RateLimiter::room`]), or every one once the backlog is within
     /// [`crate::drain::ENDGAME`] of its end, giving up at `until`: quota the returns leave
-    /// unused is used by messages that were away rather than left idle. Returns how many were
-    /// called back. A call-back that fails changes nothing: the message comes back when due.
-    pub async fn call_back(&self, records: &[SqsMessage], until: Instant) -> usize {
+    /// unused is used by messages that were away rather than left idle. With no room, pushes
+    /// later those due too soon for its part of the drain rate ([`Ingestor::push_back`]).
+    /// A call-back or push that fails changes nothing: the message comes back when due.
+    pub async fn call_back(&self, records: &[SqsMessage], until: Instant) -> Returns {
+        let mut returns = Returns::default();
         let Some(queue) = &self.queue else {
-            return 0;
+            return returns;
         };
         let arns: BTreeSet<&str> = records
             .iter()
             .filter_map(|record| record.event_source_arn.as_deref())
             .collect();
-        let mut called_back = 0;
         for arn in arns {
             let now = Instant::now();
             // In the backlog's last seconds the quota can take every message still away.
@@ -266,6 +270,9 @@ impl<A: AssetApi> Ingestor<A> {
                 }
             });
             if handles.is_empty() {
+                if !ending {
+                    returns.pushed_back += self.push_back(queue.as_ref(), arn, until).await;
+                }
                 continue;
             }
             let changes: Vec<VisibilityChange> = handles
@@ -283,7 +290,7 @@ impl<A: AssetApi> Ingestor<A> {
             };
             for result in results {
                 match result {
-                    Ok(()) => called_back += 1,
+                    Ok(()) => returns.called_back += 1,
                     Err(error) => tracing::debug!(
                         queue = arn,
                         code = error.code,
@@ -293,8 +300,83 @@ impl<A: AssetApi> Ingestor<A> {
                 }
             }
         }
-        called_back
+        returns
     }
+
+    /// Pushes later the messages this instance handed back to `arn` that are due too soon for
+    /// it to serve: of those due over [`PUSH_BACK_SPAN`] past [`CALL_BACK_AHEAD`], all beyond
+    /// what its part of the drain rate serves in that time ([`push_back_keeps`],
+    /// [`crate::drain::DrainGauge::share`] of the messages it has away), the furthest due
+    /// first. Each goes to the least crowded of [`PLACEMENT_CHOICES`] random times from the
+    /// end of that span to the end of the backlog's time left. Returns how many were moved.
+    /// Nothing is pushed while the limiter probes or settles after a cut, nor while the
+    /// backlog's time left is unknown or shorter than the span.
+    async fn push_back(&self, queue: &dyn QueueApi, arn: &str, until: Instant) -> usize {
+        let stats = self.limiter.stats();
+        if stats.probing || stats.settling {
+            return 0;
+        }
+        let now = Instant::now();
+        let Some(left) = self.gauge.time_left(arn, now) else {
+            return 0;
+        };
+        let from = now + CALL_BACK_AHEAD;
+        let to = from + PUSH_BACK_SPAN;
+        let end = now + spread(left, 1.0).min(SQS_MAX_VISIBILITY);
+        if end <= to + Duration::from_secs(1) {
+            return 0;
+        }
+        let away = self.away.due_from(arn, now) as u64;
+        let Some(rate) = self.gauge.share(arn, now, away) else {
+            return 0;
+        };
+        let crowded = self.away.crowded(arn, from, to, push_back_keeps(rate));
+        if crowded.is_empty() {
+            return 0;
+        }
+        let room = (end - to).as_secs_f64();
+        let moves: Vec<(Instant, String, i32)> = crowded
+            .into_iter()
+            .map(|(due, handle)| {
+                let at = (0..PLACEMENT_CHOICES)
+                    .map(|_| to + Duration::from_secs_f64(room * fastrand::f64()))
+                    .min_by_key(|at| self.away.due_near(arn, *at))
+                    .unwrap_or(due);
+                let seconds = at.saturating_duration_since(now).as_secs().max(1);
+                (due, handle, seconds as i32)
+            })
+            .collect();
+        let changes: Vec<VisibilityChange> = moves
+            .iter()
+            .map(|(_, handle, seconds)| VisibilityChange {
+                receipt_handle: handle.clone(),
+                seconds: *seconds,
+            })
+            .collect();
+        let results = tokio::time::timeout_at(until, queue.change_visibility(arn, &changes))
+            .await
+            .unwrap_or_default();
+        let now = Instant::now();
+        let mut pushed = 0;
+        for (i, (due, handle, seconds)) in moves.into_iter().enumerate() {
+            if let Some(Ok(())) = results.get(i) {
+                pushed += 1;
+                self.away
+                    .hold(arn, now + Duration::from_secs(seconds as u64), handle);
+            } else {
+                self.away.hold(arn, due, handle);
+            }
+        }
+        tracing::debug!(queue = arn, pushed, "hand-backs pushed later");
+        pushed
+    }
+}
+
+/// What [`Ingestor::call_back`] did: messages called back, and messages pushed later.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Returns {
+    pub called_back: usize,
+    pub pushed_back: usize,
 }
 
 /// Whether a message handed back with `outcome` may be called back once spread over its

@@ -40,6 +40,7 @@ mod letters;
 mod publish;
 
 use calls::Calls;
+pub use handback::Returns;
 
 /// How long a queue without a known `maxReceiveCount` goes before it is asked again.
 const LIMIT_RETRY: Duration = Duration::from_secs(60);
@@ -452,10 +453,10 @@ impl<A: AssetApi> Ingestor<A> {
         let outcomes = self.publish(records, outcomes, events_until).await;
         let outcomes = self.retire_exhausted(records, outcomes, report).await;
         let response = batch_response(records, &outcomes);
-        let mut called_back = 0;
+        let mut returns = Returns::default();
         if response.is_ok() {
             self.delay_redeliveries(records, &outcomes, report).await;
-            called_back = self.call_back(records, report).await;
+            returns = self.call_back(records, report).await;
         }
         let metrics = BatchMetrics::of(
             records,
@@ -471,7 +472,8 @@ impl<A: AssetApi> Ingestor<A> {
             found = metrics.found,
             dead_lettered = metrics.dead_lettered.values().sum::<u64>(),
             rate = metrics.rate,
-            called_back,
+            called_back = returns.called_back,
+            pushed_back = returns.pushed_back,
             "batch done"
         );
         (response, metrics)

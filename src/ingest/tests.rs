@@ -405,10 +405,13 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
         delays[0]
     );
     // From 2 s on, 80 messages falling by 10/s have 80 / 15 = 5.3 s left: the messages
-    // handed back come back at random within that, whatever their booking would be.
-    for later in &delays[3..] {
-        assert_eq!(later.len(), 9);
+    // handed back come back at random within that, whatever their booking would be. With no
+    // room to call back, those due over the next three seconds beyond what this instance's
+    // part of the drain rate serves are then pushed later, within the 8 s left at that rate.
+    for all in &delays[3..] {
+        let (later, pushed) = all.split_at(9);
         assert!(later.iter().all(|d| (0..=6).contains(d)), "{later:?}");
+        assert!(pushed.iter().all(|d| (3..=8).contains(d)), "{pushed:?}");
         assert!(
             later.windows(2).any(|w| w[0] > w[1]),
             "in booking order: {later:?}"
@@ -466,6 +469,28 @@ impl HandedBack {
     }
 }
 
+impl HandedBack {
+    /// Calls back with no room: nothing is called back, and the messages due within three
+    /// seconds that this instance cannot serve are pushed later. The delay of each message
+    /// from now on, pushes included.
+    async fn call_back_without_room(&self) -> BTreeMap<String, i32> {
+        let returns = self.ingestor.call_back(&self.records, self.until).await;
+        assert_eq!(returns.called_back, 0);
+        let mut due = self.delays.clone();
+        let pushes: Vec<(String, i32)> = self.queue.changes.lock().unwrap().drain(..).collect();
+        assert_eq!(pushes.len(), returns.pushed_back);
+        for (handle, seconds) in pushes {
+            assert!(
+                (2..=3).contains(&self.delays[&handle]) && seconds >= 3,
+                "{handle} due in {} s pushed to {seconds} s",
+                self.delays[&handle]
+            );
+            due.insert(handle, seconds);
+        }
+        due
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_into_room() {
     // Six handed back for want of a slot, two throttled (their backoff stands), two made.
@@ -481,13 +506,16 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
         .limiter
         .reserve(Instant::now(), back.until, Duration::ZERO)
         .unwrap();
-    assert_eq!(back.ingestor.call_back(&back.records, back.until).await, 0);
-    assert!(back.queue.changes.lock().unwrap().is_empty());
+    let due = back.call_back_without_room().await;
     // A slot a second: one call-back each, the furthest due first, each made visible at once.
     let mut called = Vec::new();
     for _ in 0..6 {
         tokio::time::advance(Duration::from_secs(1)).await;
-        let n = back.ingestor.call_back(&back.records, back.until).await;
+        let n = back
+            .ingestor
+            .call_back(&back.records, back.until)
+            .await
+            .called_back;
         let changes: Vec<(String, i32)> = back.queue.changes.lock().unwrap().drain(..).collect();
         assert_eq!(changes.len(), n);
         assert!(n <= 1, "{changes:?}");
@@ -499,7 +527,7 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
     let mut away: Vec<(i32, String)> = (0..6)
         .map(|i| {
             let handle = format!("rh-{i}");
-            (back.delays[&handle], handle)
+            (due[&handle], handle)
         })
         .collect();
     away.sort_by(|a, b| b.cmp(a));
@@ -531,23 +559,87 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
             .unwrap()
     };
     no_room();
-    assert_eq!(back.ingestor.call_back(&back.records, back.until).await, 0);
+    let due = back.call_back_without_room().await;
     // A second later the backlog has fallen to 15 messages, under two seconds at its rate: every
     // message still due more than a second ahead comes back now, though there is no room.
     tokio::time::advance(Duration::from_secs(1)).await;
     back.ingestor.gauge.observe(ARN, Instant::now(), 15);
     no_room();
-    let due_later = back.delays.values().filter(|d| **d > 2).count();
-    assert!(due_later >= 4, "{:?}", back.delays);
+    let due_later = due.values().filter(|d| **d > 2).count();
+    assert!(due_later >= 4, "{due:?}");
     assert_eq!(
-        back.ingestor.call_back(&back.records, back.until).await,
+        back.ingestor
+            .call_back(&back.records, back.until)
+            .await
+            .called_back,
         due_later
     );
     let called: Vec<(String, i32)> = back.queue.changes.lock().unwrap().drain(..).collect();
     assert_eq!(called.len(), due_later);
     assert!(called
         .iter()
-        .all(|(handle, seconds)| *seconds == 0 && back.delays[handle] > 2));
+        .all(|(handle, seconds)| *seconds == 0 && due[handle] > 2));
+}
+
+/// An instance with no room to call back, on a backlog that fell from 300 to 280 messages
+/// over two seconds (10/s, 28 s left), holding `soon` hand-backs due in 2.5 s ("soon-i") and
+/// `far` due from 10 s on: what `call_back` did, and the changes it made.
+async fn push_backs(soon: usize, far: usize) -> (Returns, Vec<(String, i32)>) {
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    fastrand::seed(5);
+    let queue = draining(280, 0);
+    let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
+    ingestor.gauge.observe(ARN, Instant::now(), 300);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 280);
+    let now = Instant::now();
+    for i in 0..soon {
+        let due = now + Duration::from_millis(2500);
+        ingestor.away.hold(ARN, due, format!("soon-{i}"));
+    }
+    for i in 0..far {
+        let due = now + Duration::from_secs(10 + (i % 18) as u64);
+        ingestor.away.hold(ARN, due, format!("far-{i}"));
+    }
+    let until = now + Duration::from_secs(30);
+    ingestor
+        .limiter
+        .reserve(now, until, Duration::ZERO)
+        .unwrap();
+    let returns = ingestor.call_back(&batch(1), until).await;
+    let changes = queue.changes.lock().unwrap().drain(..).collect();
+    // Nothing is lost: every message is still held, due where it went or where it was.
+    assert_eq!(ingestor.away.due_from(ARN, now), soon + far);
+    (returns, changes)
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_room_hand_backs_due_sooner_than_the_instance_serves_are_pushed_later() {
+    // 30 of 280 away: its part of the drain rate, 1.07/s, serves 2 of the 8 due over the next
+    // two seconds. The other 6 go later, within the 28 s the backlog has left, and spend no
+    // receive; none is called back, for there is no room.
+    let (returns, changes) = push_backs(8, 22).await;
+    assert_eq!(
+        returns,
+        Returns {
+            called_back: 0,
+            pushed_back: 6
+        }
+    );
+    assert_eq!(changes.len(), 6);
+    assert!(
+        changes
+            .iter()
+            .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=28).contains(seconds)),
+        "{changes:?}"
+    );
+    // 8 of 280: 0.29/s serves none of them. 80 of 280: 2.9/s serves 5.
+    assert_eq!(push_backs(8, 0).await.0.pushed_back, 8);
+    assert_eq!(push_backs(8, 72).await.0.pushed_back, 3);
+    // Holding the whole backlog, its part is the drain rate, 10/s: it serves all 8.
+    let (returns, changes) = push_backs(8, 272).await;
+    assert_eq!(returns, Returns::default());
+    assert!(changes.is_empty(), "{changes:?}");
 }
 
 #[tokio::test(start_paused = true)]
