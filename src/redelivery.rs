@@ -35,10 +35,10 @@
 //!   its own hand-backs due over the next [`PUSH_BACK_SPAN`] (past [`CALL_BACK_AHEAD`]). If
 //!   that is more than its part of the drain rate serves in that time (its messages away over
 //!   the queue's depth, times the drain rate), the excess, furthest due first, is moved later
-//!   within the backlog's time left, placed as hand-backs are ([`Away::crowded`]). This spends
-//!   no receive: a return that would find no slot is handed back again, spending a delivery,
-//!   or waits billed on its last one. Call-backs correct a spread that proves too long; this
-//!   corrects one that proves too short.
+//!   within the backlog's time left, placed as hand-backs are ([`Away::crowded`]). A push
+//!   spends no receive, where a return that finds no slot is handed back again (a delivery
+//!   spent) or waits billed on its last one. Call-backs correct a spread that proves too long;
+//!   this corrects one that proves too short.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS

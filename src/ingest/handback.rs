@@ -309,8 +309,8 @@ impl<A: AssetApi> Ingestor<A> {
     /// [`crate::drain::DrainGauge::share`] of the messages it has away), the furthest due
     /// first. Each goes to the least crowded of [`PLACEMENT_CHOICES`] random times from the
     /// end of that span to the end of the backlog's time left. Returns how many were moved.
-    /// Nothing is pushed while the limiter probes or settles after a cut, nor while the
-    /// backlog's time left is unknown or shorter than the span.
+    /// Nothing is pushed while the limiter probes or counts the answers to its probe after the
+    /// first 429, nor while the backlog's time left is unknown or shorter than the span.
     async fn push_back(&self, queue: &dyn QueueApi, arn: &str, until: Instant) -> usize {
         let stats = self.limiter.stats();
         if stats.probing || stats.settling {
