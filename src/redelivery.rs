@@ -383,6 +383,20 @@ impl Away {
             .sum()
     }
 
+    /// Of `times`, the one with the fewest of this instance's hand-backs to `queue` due near it
+    /// ([`Away::due_near`]) plus `also` more, the first of them on a tie: where a hand-back or
+    /// a push goes.
+    pub fn least_crowded(
+        &self,
+        queue: &str,
+        times: impl IntoIterator<Item = Instant>,
+        also: impl Fn(Instant) -> usize,
+    ) -> Option<Instant> {
+        times
+            .into_iter()
+            .min_by_key(|at| self.due_near(queue, *at) + also(*at))
+    }
+
     /// How many of the messages this instance handed back to `queue` are due from `now` on,
     /// called back ones not counted.
     pub fn due_from(&self, queue: &str, now: Instant) -> usize {

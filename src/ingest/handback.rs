@@ -70,19 +70,17 @@ impl<A: AssetApi> Ingestor<A> {
                 let mut draw = || delays.delay(*redelivery, receives, spread, reach, fifo, unit());
                 let delay = match (record.event_source_arn.as_deref(), spread) {
                     (Some(arn), Some(_)) if may_call_back(record, outcome) => {
-                        let load = |delay: Duration| {
-                            let due = now + delay;
-                            let here = placed
-                                .iter()
-                                .filter(|(queue, at)| *queue == arn && near(*at, due))
-                                .count();
-                            self.away.due_near(arn, due) + here
-                        };
-                        let delay = (0..PLACEMENT_CHOICES)
-                            .filter_map(|_| draw())
-                            .min_by_key(|delay| load(*delay))?;
-                        placed.push((arn, now + delay));
-                        delay
+                        let draws = (0..PLACEMENT_CHOICES).filter_map(|_| draw());
+                        let due = self
+                            .away
+                            .least_crowded(arn, draws.map(|d| now + d), |due| {
+                                placed
+                                    .iter()
+                                    .filter(|(queue, at)| *queue == arn && near(*at, due))
+                                    .count()
+                            })?;
+                        placed.push((arn, due));
+                        due - now
                     }
                     _ => draw()?,
                 };
@@ -338,10 +336,9 @@ impl<A: AssetApi> Ingestor<A> {
         let moves: Vec<(Instant, String, i32)> = crowded
             .into_iter()
             .map(|(due, handle)| {
-                let at = (0..PLACEMENT_CHOICES)
-                    .map(|_| to + Duration::from_secs_f64(room * fastrand::f64()))
-                    .min_by_key(|at| self.away.due_near(arn, *at))
-                    .unwrap_or(due);
+                let draws = (0..PLACEMENT_CHOICES)
+                    .map(|_| to + Duration::from_secs_f64(room * fastrand::f64()));
+                let at = self.away.least_crowded(arn, draws, |_| 0).unwrap_or(due);
                 let seconds = at.saturating_duration_since(now).as_secs().max(1);
                 (due, handle, seconds as i32)
             })

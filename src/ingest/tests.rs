@@ -467,9 +467,7 @@ impl HandedBack {
             until,
         }
     }
-}
 
-impl HandedBack {
     /// Calls back with no room: nothing is called back, and the messages due within three
     /// seconds that this instance cannot serve are pushed later. The delay of each message
     /// from now on, pushes included.
