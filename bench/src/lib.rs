@@ -589,7 +589,13 @@ pub async fn drain(
     // Under BENCH_TRACE: records of the invocations ended, and of them those deleted, since
     // the last line.
     let handled: Arc<(AtomicU64, AtomicU64)> = Arc::default();
+    // Under BENCH_TRACE: milliseconds the pollers found nothing visible (idle, short of work)
+    // and spent in invocations that ended (busy), since the last line.
+    let idle: Arc<AtomicU64> = Arc::default();
+    let busy: Arc<AtomicU64> = Arc::default();
     for function in instances {
+        let idle = idle.clone();
+        let busy = busy.clone();
         let queue = queue.clone();
         let histogram = histogram.clone();
         let handled = handled.clone();
@@ -598,12 +604,16 @@ pub async fn drain(
             while !queue.is_empty().await && Instant::now() < stop {
                 let records = gather(queue.as_ref(), &mapping).await;
                 if records.is_empty() {
+                    if trace {
+                        idle.fetch_add(20, Ordering::Relaxed);
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
                 let (ending, elapsed, deleted) =
                     invoke_batch(queue.as_ref(), function.as_ref(), &records, &mapping).await;
                 if trace {
+                    busy.fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
                     handled.0.fetch_add(records.len() as u64, Ordering::Relaxed);
                     handled.1.fetch_add(deleted as u64, Ordering::Relaxed);
                     let b = bucket(LENGTHS.iter().map(|(upto, _)| *upto), elapsed.as_millis());
@@ -628,6 +638,8 @@ pub async fn drain(
     }
     let ticker = std::env::var("BENCH_TRACE").is_ok().then(|| {
         let queue = queue.clone();
+        let idle = idle.clone();
+        let busy = busy.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -637,8 +649,12 @@ pub async fn drain(
                     let received = handled.0.swap(0, Ordering::Relaxed);
                     let deleted = handled.1.swap(0, Ordering::Relaxed);
                     let back = received.saturating_sub(deleted);
+                    // Instance-seconds with nothing visible to take, and spent invoked.
+                    let idle = idle.swap(0, Ordering::Relaxed) as f64 / 1000.0;
+                    let busy = busy.swap(0, Ordering::Relaxed) as f64 / 1000.0;
                     eprintln!(
-                        "t={:>5.1}s {line} | last 5 s: deleted {deleted} reported {back}",
+                        "t={:>5.1}s {line} | last 5 s: deleted {deleted} reported {back} \
+                         idle {idle:.1}s busy {busy:.1}s",
                         start.elapsed().as_secs_f64()
                     );
                 }
