@@ -353,6 +353,15 @@ impl Away {
         at.saturating_duration_since(self.origin).as_secs()
     }
 
+    /// Stops counting `taken`, no longer held, among the messages due in their seconds.
+    fn uncount(&self, held: &mut Held, taken: &[(Instant, String)]) {
+        for (due, _) in taken {
+            if let Some(count) = held.due_per_second.get_mut(&self.second(*due)) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
     /// Keeps a message handed back to `queue`, due back at `due`.
     pub fn hold(&self, queue: &str, due: Instant, receipt_handle: String) {
         let now = self.second(Instant::now());
@@ -443,11 +452,7 @@ impl Away {
                 excess -= 1;
             }
         }
-        for (due, _) in &taken {
-            if let Some(count) = held.due_per_second.get_mut(&self.second(*due)) {
-                *count = count.saturating_sub(1);
-            }
-        }
+        self.uncount(held, &taken);
         taken
     }
 
@@ -473,11 +478,7 @@ impl Away {
         let n = room(available).min(available);
         held.callable.sort_by_key(|(due, _)| *due);
         let taken = held.callable.split_off(held.callable.len() - n);
-        for (due, _) in &taken {
-            if let Some(count) = held.due_per_second.get_mut(&self.second(*due)) {
-                *count = count.saturating_sub(1);
-            }
-        }
+        self.uncount(held, &taken);
         taken
             .into_iter()
             .rev()
