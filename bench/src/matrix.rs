@@ -1,6 +1,7 @@
 //! The configuration matrix: one row per way users run the function (throttled or not, one
-//! instance or many, `maxReceiveCount` 3 to 20, a 3 s timeout on a slow API, FIFO), each drained
-//! through the simulated event source mapping, with the outcome of every message checked.
+//! instance or many, `maxReceiveCount` 3 to 20 or no redrive policy, a 3 s timeout on a slow
+//! API, FIFO), each drained through the simulated event source mapping, with the outcome of
+//! every message checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -302,6 +303,14 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
         ),
         (
             Row {
+                name: "a-",
+                max_receive_count: None,
+                ..A
+            },
+            OURS,
+        ),
+        (
+            Row {
                 name: "b3",
                 max_receive_count: Some(3),
                 ..B
@@ -313,6 +322,14 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
             Row {
                 name: "b20",
                 max_receive_count: Some(20),
+                ..B
+            },
+            OURS,
+        ),
+        (
+            Row {
+                name: "b-",
+                max_receive_count: None,
                 ..B
             },
             OURS,
