@@ -35,9 +35,10 @@
 //! message back for want of a slot before the gauge has an estimate: for up to [`WARM_UP`]
 //! after it first reads a backlog's depth (while it has not seen it fall for [`MIN_SPAN`]),
 //! such a message waits for its slot inside the invocation instead, and the instances drain
-//! the backlog at the rate they have found while the gauge measures it. This applies only to
-//! a queue with a receive budget, where each hand-back spends one of a few deliveries; a
-//! backlog that does not fall (traffic steadily above the quota) gives no estimate, and after
+//! the backlog at the rate they have found while the gauge measures it. This applies to every
+//! queue, with a receive budget or not: each hand-back spends a receive, one of a few
+//! deliveries or, with no redrive policy, an invocation's worth of churn; a backlog that does
+//! not fall (traffic steadily above the quota) gives no estimate, and after
 //! [`WARM_UP`] the limiter's bookings decide as before. With the estimate made this way, the
 //! spread is not bounded further: on `make bench`, a bound of four times the time watched (the
 //! rule before the warm-up) held a 6,000-message backlog's hand-backs to the first minute or

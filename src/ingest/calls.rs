@@ -35,7 +35,7 @@ impl<A: AssetApi> Ingestor<A> {
         };
         let interval = Duration::from_secs_f64(1.0 / stats.rate);
         match slot_wait(need, self.config.permit_wait, interval) {
-            Some(_) if !follow_up && self.warming(turn, need.budget) => turn.last_start,
+            Some(_) if !follow_up && self.warming(turn) => turn.last_start,
             Some(wait) => (Instant::now() + wait).min(turn.last_start),
             None => turn.last_start,
         }
@@ -52,14 +52,12 @@ impl<A: AssetApi> Ingestor<A> {
     }
 
     /// Whether a message that could go back to the queue for want of a slot waits for it
-    /// instead, because its queue's backlog is warming up ([`crate::drain::DrainGauge::warming`]):
-    /// only with a receive budget, where a hand-back spends one of few deliveries. The batch
-    /// claims its read of the queue's depth before any call asks ([`Ingestor::process_batch`]).
-    fn warming(&self, turn: &Turn<'_>, budget: Budget) -> bool {
-        budget.max_receives.is_some()
-            && turn
-                .queue_arn
-                .is_some_and(|arn| self.gauge.warming(arn, Instant::now()))
+    /// instead, because its queue's backlog is warming up ([`crate::drain::DrainGauge::warming`]),
+    /// with or without a receive budget: every hand-back spends a receive. The batch claims its
+    /// read of the queue's depth before any call asks ([`Ingestor::process_batch`]).
+    fn warming(&self, turn: &Turn<'_>) -> bool {
+        turn.queue_arn
+            .is_some_and(|arn| self.gauge.warming(arn, Instant::now()))
     }
 
     /// CreateAsset, with a refusal settled by DescribeAsset: the asset as asked (same source,

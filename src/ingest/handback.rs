@@ -61,13 +61,12 @@ impl<A: AssetApi> Ingestor<A> {
                     receives,
                     max_receives: self.known_limit(record.event_source_arn.as_deref()),
                 };
-                let reach = budget.reach();
                 let spread = record
                     .event_source_arn
                     .as_deref()
                     .and_then(|arn| times_left.get(arn))
                     .map(|left| spread(*left, budget.overbook()));
-                let mut draw = || delays.delay(*redelivery, receives, spread, reach, fifo, unit());
+                let mut draw = || delays.delay(*redelivery, receives, spread, fifo, unit());
                 let delay = match (record.event_source_arn.as_deref(), spread) {
                     (Some(arn), Some(_)) if may_call_back(record, outcome) => {
                         let draws = (0..PLACEMENT_CHOICES).filter_map(|_| draw());

@@ -31,7 +31,7 @@ use crate::mediapackage::{ApiError, Asset, AssetApi, ErrorKind};
 use crate::message::{AssetRequest, Defaults, InvalidMessage, PackagingGroupId, Refused};
 use crate::metrics::{BatchMetrics, CallCounts, Emf};
 pub use crate::redelivery::Redelivery;
-use crate::redelivery::{deadline_margin, fits_an_attempt, Away, Budget, Reach, MIN_ATTEMPT};
+use crate::redelivery::{deadline_margin, fits_an_attempt, Away, MIN_ATTEMPT};
 use crate::sqs::QueueApi;
 
 mod calls;
@@ -633,15 +633,6 @@ impl<A: AssetApi> Ingestor<A> {
         }
         let receives = receive_count(record);
         let backoff = self.delays().backoff;
-        // With a receive budget a message may be booked further ahead (`BUDGETED_REACH`); the
-        // budget is looked up only when hand-backs can happen at all.
-        let budgeted = !self.limiter.stats().probing
-            && Budget {
-                receives,
-                max_receives: self.receive_limit(record.event_source_arn.as_deref()).await,
-            }
-            .reach()
-                != Reach::Ceiling;
         let turn = Turn {
             queue_arn: record.event_source_arn.as_deref(),
             receives,
@@ -650,19 +641,16 @@ impl<A: AssetApi> Ingestor<A> {
             last_start: stops.last_start,
             hard_stop: stops.hard_stop,
             holding: stops.holding,
-            // A booking reaches no further than half the backoff ceiling for this receive: a
-            // message the instance cannot serve soon comes back soon, to be booked again from
-            // what the limiter has learned by then. (Measured: the whole ceiling, or twice it,
-            // drained scenario B of `make bench` later; a quarter of it, later on A.)
-            horizon: if budgeted {
-                (backoff
-                    .ceiling(receives)
-                    .saturating_mul(crate::redelivery::BUDGETED_REACH)
-                    / 2)
-                .min(backoff.cap)
-            } else {
-                backoff.ceiling(receives) / 2
-            },
+            // A booking reaches no further than half of `BUDGETED_REACH` backoff ceilings for
+            // this receive: a message the instance cannot serve soon comes back soon, to be
+            // booked again from what the limiter has learned by then. (Measured: the whole
+            // ceiling, or twice it, drained scenario B of `make bench` later; a quarter of it,
+            // later on A.)
+            horizon: (backoff
+                .ceiling(receives)
+                .saturating_mul(crate::redelivery::BUDGETED_REACH)
+                / 2)
+            .min(backoff.cap),
         };
         let mut outcome = match parsed.requests.as_slice() {
             [request] => {
