@@ -15,7 +15,7 @@
 //!   failures (throttled or failing calls that outlast `API_MAX_ATTEMPTS`, a deadline). Past
 //!   that, it waits for its slot inside the invocation: billed, but never dead-lettered for
 //!   the function's own pacing. At `maxReceiveCount` 3 no message is ever handed back; at 5, at
-//!   most twice.
+//!   most twice. While a queue's redrive policy cannot be read, none is: it may have one.
 //! - **No hand-back before the backlog's drain rate is known.** A message without a slot waits
 //!   for it while its queue's backlog warms up (up to ten seconds from the first reading of its
 //!   depth, until its fall is measured: [`crate::drain`]); after that each hand-back goes at a

@@ -16,7 +16,8 @@ use crate::redelivery::{slot_wait, Budget, Need, Redelivery};
 
 impl<A: AssetApi> Ingestor<A> {
     /// The latest moment a call of `turn` may start: a short wait while its message may still
-    /// go back to the queue, else as late as the invocation allows ([`slot_wait`]).
+    /// go back to the queue, else as late as the invocation allows ([`slot_wait`]). As late,
+    /// too, while its queue's `maxReceiveCount` could not be read ([`Ingestor::limit_unread`]).
     pub(super) async fn latest(&self, turn: &Turn<'_>, follow_up: bool) -> Instant {
         let stats = self.limiter.stats();
         // A probing limiter never refuses a slot; FIFO messages and bodies of several objects
@@ -24,10 +25,14 @@ impl<A: AssetApi> Ingestor<A> {
         if stats.probing || turn.fifo || turn.several {
             return turn.last_start;
         }
+        let max_receives = self.receive_limit(turn.queue_arn).await;
+        if self.limit_unread(turn.queue_arn) {
+            return turn.last_start;
+        }
         let need = Need {
             budget: Budget {
                 receives: turn.receives,
-                max_receives: self.receive_limit(turn.queue_arn).await,
+                max_receives,
             },
             fifo: turn.fifo,
             several: turn.several,

@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use super::{
     epoch_ms, fifo_group, lanes, log_outcome, receive_count, since_first_receive, Failure,
-    Ingestor, Outcome, LIMIT_RETRY,
+    Ingestor, Outcome, ReceiveLimit, LIMIT_RETRY,
 };
 use crate::mediapackage::AssetApi;
 use crate::redelivery::{can_delay, Budget};
@@ -170,16 +170,20 @@ impl<A: AssetApi> Ingestor<A> {
             return None;
         };
         match self.receive_limits.lock().expect("limits").get(arn) {
-            Some((Some(max), _)) => return Some(*max),
-            Some((None, read_at)) if read_at.elapsed() < LIMIT_RETRY => return None,
+            Some(ReceiveLimit { max: Some(max), .. }) => return Some(*max),
+            Some(limit) if limit.read_at.elapsed() < LIMIT_RETRY => return None,
             _ => {}
         }
         let read = queue.max_receive_count(arn).await;
         let max = read.as_ref().ok().copied().flatten();
-        self.receive_limits
-            .lock()
-            .expect("limits")
-            .insert(arn.to_string(), (max, Instant::now()));
+        self.receive_limits.lock().expect("limits").insert(
+            arn.to_string(),
+            ReceiveLimit {
+                max,
+                answered: read.is_ok(),
+                read_at: Instant::now(),
+            },
+        );
         match read {
             Ok(max) => max,
             Err(error) => {
@@ -202,7 +206,22 @@ impl<A: AssetApi> Ingestor<A> {
                 .lock()
                 .expect("limits")
                 .get(queue_arn?)
-                .and_then(|(max, _)| *max)
+                .and_then(|limit| limit.max)
         })
+    }
+
+    /// Whether the last read of the `maxReceiveCount` of the queue `queue_arn` failed, with no
+    /// `MAX_RECEIVE_COUNT` set: the queue may have a redrive policy the function cannot see,
+    /// so no message of it is handed back for want of a slot, which could spend its last
+    /// deliveries, until a read answers ([`Ingestor::receive_limit`]).
+    pub(super) fn limit_unread(&self, queue_arn: Option<&str>) -> bool {
+        self.config.max_receive_count.is_none()
+            && queue_arn.is_some_and(|arn| {
+                self.receive_limits
+                    .lock()
+                    .expect("limits")
+                    .get(arn)
+                    .is_some_and(|limit| !limit.answered)
+            })
     }
 }

@@ -317,10 +317,10 @@ pub struct Ingestor<A> {
     gauge: DrainGauge,
     config: Config,
     defaults: Defaults,
-    /// Each source queue's `maxReceiveCount` and when it was read. A known one is kept; none
-    /// (no redrive policy, or the read failed) is asked again after [`LIMIT_RETRY`], so a policy
-    /// added later is seen.
-    receive_limits: Mutex<HashMap<String, (Option<u32>, Instant)>>,
+    /// Each source queue's `maxReceiveCount`, whether the queue answered, and when it was read.
+    /// A known one is kept; none (no redrive policy, or the read failed) is asked again after
+    /// [`LIMIT_RETRY`], so a policy added later is seen.
+    receive_limits: Mutex<HashMap<String, ReceiveLimit>>,
     warned_short_timeout: AtomicBool,
     events: Option<Box<dyn EventBus>>,
     counts: CallCounts,
@@ -708,6 +708,16 @@ fn fifo_group(record: &SqsMessage) -> Option<&str> {
         .as_deref()
         .filter(|arn| arn.ends_with(".fifo"))?;
     record.attributes.get("MessageGroupId").map(String::as_str)
+}
+
+/// A source queue's `maxReceiveCount` as last read ([`Ingestor::receive_limit`]).
+#[derive(Debug, Clone, Copy)]
+struct ReceiveLimit {
+    /// `None`: no redrive policy, or the read failed.
+    max: Option<u32>,
+    /// Whether the queue answered the read.
+    answered: bool,
+    read_at: Instant,
 }
 
 fn receive_count(record: &SqsMessage) -> u32 {

@@ -865,6 +865,69 @@ fn bookings_reach_no_further_than_four_backoff_ceilings_of_the_receive_count() {
     );
 }
 
+/// SQS whose `maxReceiveCount` cannot be read until `answers` is set (then it has no redrive
+/// policy), with a backlog of 1,000 messages. Counts the visibility changes.
+struct Unreadable {
+    answers: std::sync::atomic::AtomicBool,
+    changes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl QueueApi for &'static Unreadable {
+    async fn dead_letter(&self, _: &str, _: &DeadLetter) -> Result<(), crate::sqs::QueueError> {
+        unreachable!("no dead letter expected")
+    }
+    async fn change_visibility(
+        &self,
+        _: &str,
+        changes: &[VisibilityChange],
+    ) -> Vec<Result<(), crate::sqs::QueueError>> {
+        self.changes.fetch_add(changes.len(), Ordering::Relaxed);
+        changes.iter().map(|_| Ok(())).collect()
+    }
+    async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
+        Ok(1000)
+    }
+    async fn max_receive_count(&self, _: &str) -> Result<Option<u32>, crate::sqs::QueueError> {
+        if self.answers.load(Ordering::Relaxed) {
+            Ok(None)
+        } else {
+            Err(crate::sqs::QueueError {
+                code: "AccessDenied".into(),
+                message: "not authorized to perform sqs:GetQueueAttributes".into(),
+            })
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_want_of_a_slot() {
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    let queue: &'static Unreadable = Box::leak(Box::new(Unreadable {
+        answers: false.into(),
+        changes: Default::default(),
+    }));
+    let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
+    let past_warm_up = || async {
+        ingestor.gauge.observe(ARN, Instant::now(), 1000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        ingestor.gauge.observe(ARN, Instant::now(), 980);
+    };
+    past_warm_up().await;
+    // The queue may have a redrive policy of 3: at 1 request/s every message waits for its
+    // slot and is made, none spends a delivery.
+    let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
+    assert_eq!((created, handed_back), (10, 0));
+    assert!(seconds >= 2.0, "{seconds} s");
+    assert_eq!(queue.changes.load(Ordering::Relaxed), 0);
+    // A minute later the read answers: no redrive policy, so messages without a slot go back.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    queue.answers.store(true, Ordering::Relaxed);
+    past_warm_up().await;
+    let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
+    assert!(handed_back >= 5, "{handed_back} handed back");
+}
+
 /// MediaPackage VOD as a map, each call taking `latency`; an existing id is refused with
 /// `refusal`. Counts its calls.
 struct Fake {
