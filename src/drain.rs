@@ -37,12 +37,12 @@
 //! such a message waits for its slot inside the invocation instead, and the instances drain
 //! the backlog at the rate they have found while the gauge measures it. This applies to every
 //! queue, with a receive budget or not: each hand-back spends a receive, one of a few
-//! deliveries or, with no redrive policy, an invocation's worth of churn; a backlog that does
-//! not fall (traffic steadily above the quota) gives no estimate, and after
-//! [`WARM_UP`] the limiter's bookings decide as before. With the estimate made this way, the
-//! spread is not bounded further: on `make bench`, a bound of four times the time watched (the
-//! rule before the warm-up) held a 6,000-message backlog's hand-backs to the first minute or
-//! so, and its last deliveries then waited in their invocations (docs/throttling.md).
+//! deliveries, or with no redrive policy a receive and an invocation more. A backlog that does
+//! not fall (traffic steadily above the quota) gives no estimate, and after [`WARM_UP`] the
+//! limiter's bookings decide as before. With the estimate made this way, the spread is not
+//! bounded further: on `make bench`, a bound of four times the time watched (the rule before
+//! the warm-up) held a 6,000-message backlog's hand-backs to the first minute or so, and its
+//! last deliveries then waited in their invocations (docs/throttling.md).
 //!
 //! The depth also says how much of the quota the other instances can be using. A backlog's last
 //! messages are few and scattered: some held by an instance whose rate AIMD left low, some away

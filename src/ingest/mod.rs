@@ -641,11 +641,10 @@ impl<A: AssetApi> Ingestor<A> {
             last_start: stops.last_start,
             hard_stop: stops.hard_stop,
             holding: stops.holding,
-            // A booking reaches no further than half of `BUDGETED_REACH` backoff ceilings for
-            // this receive: a message the instance cannot serve soon comes back soon, to be
-            // booked again from what the limiter has learned by then. (Measured: the whole
-            // ceiling, or twice it, drained scenario B of `make bench` later; a quarter of it,
-            // later on A.)
+            // A booking reaches no further than half of the `BUDGETED_REACH` backoff ceilings a
+            // hand-back may reach before the queue's drain rate is known: a message the
+            // instance cannot serve soon comes back soon, to be booked again from what the
+            // limiter has learned by then.
             horizon: (backoff
                 .ceiling(receives)
                 .saturating_mul(crate::redelivery::BUDGETED_REACH)
