@@ -316,10 +316,12 @@ fn a_hand_back_goes_to_the_draw_with_the_fewest_hand_backs_due_near_it() {
 }
 
 /// SQS as a queue whose depth falls by `fall` messages per read, recording the visibility
-/// timeouts set.
+/// timeouts set. It has no redrive policy, and says so while `answers` is set; otherwise its
+/// `maxReceiveCount` cannot be read.
 struct Draining {
     depth: Mutex<u64>,
     fall: u64,
+    answers: std::sync::atomic::AtomicBool,
     reads: Mutex<Vec<Instant>>,
     delays: Mutex<Vec<i32>>,
     /// Every change: receipt handle and visibility timeout.
@@ -352,6 +354,16 @@ impl QueueApi for &'static Draining {
         *depth -= self.fall;
         Ok(*depth)
     }
+    async fn max_receive_count(&self, _: &str) -> Result<Option<u32>, crate::sqs::QueueError> {
+        if self.answers.load(Ordering::Relaxed) {
+            Ok(None)
+        } else {
+            Err(crate::sqs::QueueError {
+                code: "AccessDenied".into(),
+                message: "not authorized to perform sqs:GetQueueAttributes".into(),
+            })
+        }
+    }
 }
 
 /// A [`Draining`] queue `depth` deep, falling by `fall` messages per read, for the test's life.
@@ -359,6 +371,7 @@ fn draining(depth: u64, fall: u64) -> &'static Draining {
     Box::leak(Box::new(Draining {
         depth: Mutex::new(depth),
         fall,
+        answers: true.into(),
         reads: Mutex::default(),
         delays: Mutex::default(),
         changes: Mutex::default(),
@@ -865,48 +878,11 @@ fn bookings_reach_no_further_than_four_backoff_ceilings_of_the_receive_count() {
     );
 }
 
-/// SQS whose `maxReceiveCount` cannot be read until `answers` is set (then it has no redrive
-/// policy), with a backlog of 1,000 messages. Counts the visibility changes.
-struct Unreadable {
-    answers: std::sync::atomic::AtomicBool,
-    changes: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl QueueApi for &'static Unreadable {
-    async fn dead_letter(&self, _: &str, _: &DeadLetter) -> Result<(), crate::sqs::QueueError> {
-        unreachable!("no dead letter expected")
-    }
-    async fn change_visibility(
-        &self,
-        _: &str,
-        changes: &[VisibilityChange],
-    ) -> Vec<Result<(), crate::sqs::QueueError>> {
-        self.changes.fetch_add(changes.len(), Ordering::Relaxed);
-        changes.iter().map(|_| Ok(())).collect()
-    }
-    async fn depth(&self, _: &str) -> Result<u64, crate::sqs::QueueError> {
-        Ok(1000)
-    }
-    async fn max_receive_count(&self, _: &str) -> Result<Option<u32>, crate::sqs::QueueError> {
-        if self.answers.load(Ordering::Relaxed) {
-            Ok(None)
-        } else {
-            Err(crate::sqs::QueueError {
-                code: "AccessDenied".into(),
-                message: "not authorized to perform sqs:GetQueueAttributes".into(),
-            })
-        }
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_want_of_a_slot() {
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
-    let queue: &'static Unreadable = Box::leak(Box::new(Unreadable {
-        answers: false.into(),
-        changes: Default::default(),
-    }));
+    let queue = draining(1000, 0);
+    queue.answers.store(false, Ordering::Relaxed);
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
     let past_warm_up = || async {
         ingestor.gauge.observe(ARN, Instant::now(), 1000);
@@ -919,7 +895,7 @@ async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_w
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert_eq!((created, handed_back), (10, 0));
     assert!(seconds >= 2.0, "{seconds} s");
-    assert_eq!(queue.changes.load(Ordering::Relaxed), 0);
+    assert!(queue.delays.lock().unwrap().is_empty());
     // A minute later the read answers: no redrive policy, so messages without a slot go back.
     tokio::time::advance(Duration::from_secs(60)).await;
     queue.answers.store(true, Ordering::Relaxed);
