@@ -41,7 +41,9 @@
 //!   within the backlog's time left, placed as hand-backs are ([`Away::crowded`]). A push
 //!   spends no receive, where a return that finds no slot is handed back again (a delivery
 //!   spent) or waits billed on its last one. Call-backs correct a spread that proves too long;
-//!   this corrects one that proves too short.
+//!   this corrects one that proves too short. In a backlog's last minute the instance keeps
+//!   twice its part ([`PUSH_BACK_MARGIN`]): returns held to the drain rate keep it where it
+//!   was measured, and quota left unused that late is not made up.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
 //!   function, with `ErrorCode` `RetriesExhausted` and its last error, instead of being left
 //!   for SQS to move there without a reason. So is a message with no visibility time left (SQS
@@ -278,11 +280,30 @@ pub const PLACEMENT_WINDOW: Duration = Duration::from_secs(1);
 /// ([`push_back_keeps`]).
 pub const PUSH_BACK_SPAN: Duration = Duration::from_secs(2);
 
+/// Within this much of a backlog's end (its time left), the push-back keeps
+/// [`PUSH_BACK_MARGIN`] times what the instance's part of the drain rate serves.
+pub const PUSH_BACK_MARGIN_WITHIN: Duration = Duration::from_secs(60);
+
+/// How many times its part of the drain rate an instance keeps due in a backlog's last minute
+/// ([`push_back_keeps`]). The drain rate is measured from the returns the instances serve, so
+/// returns held to it keep the drain where it was first measured, below the quota when the
+/// instances were still finding it (docs/throttling.md, stops 39 and 41). A margin lets the
+/// drain rise again. In the last minute, a return pushed too late leaves quota unused that the
+/// backlog cannot make up; earlier, the margin costs billing (the 6,000-message backlog billed
+/// about 750 s with a margin of 2 throughout, against about 520 s without).
+pub const PUSH_BACK_MARGIN: f64 = 2.0;
+
 /// How many of an instance's hand-backs due over [`PUSH_BACK_SPAN`] stay where they are when
-/// its part of the queue's drain rate is `rate` messages a second: what that rate serves over
-/// the span. The rest are pushed later ([`Away::crowded`]).
-pub fn push_back_keeps(rate: f64) -> usize {
-    (rate.max(0.0) * PUSH_BACK_SPAN.as_secs_f64()).floor() as usize
+/// its part of the queue's drain rate is `rate` messages a second and the backlog has `left`
+/// to go: what that rate serves over the span, [`PUSH_BACK_MARGIN`] times that within
+/// [`PUSH_BACK_MARGIN_WITHIN`] of the end. The rest are pushed later ([`Away::crowded`]).
+pub fn push_back_keeps(rate: f64, left: Duration) -> usize {
+    let margin = if left < PUSH_BACK_MARGIN_WITHIN {
+        PUSH_BACK_MARGIN
+    } else {
+        1.0
+    };
+    (rate.max(0.0) * margin * PUSH_BACK_SPAN.as_secs_f64()).floor() as usize
 }
 
 /// The messages this instance handed back for want of a request slot, per queue: when each is
@@ -730,9 +751,13 @@ mod tests {
         assert_eq!(away.due_near("q", at(20_000)), 2);
         assert_eq!(away.take("q", now, |_| 2), ["c", "d"]);
         assert!(away.crowded("other", from, to, 0).is_empty());
-        assert_eq!(push_back_keeps(1.07), 2);
-        assert_eq!(push_back_keeps(0.3), 0);
-        assert_eq!(push_back_keeps(-1.0), 0);
+        let long = Duration::from_secs(60);
+        let last_minute = Duration::from_secs(59);
+        assert_eq!(push_back_keeps(1.07, long), 2);
+        assert_eq!(push_back_keeps(1.07, last_minute), 4);
+        assert_eq!(push_back_keeps(0.3, long), 0);
+        assert_eq!(push_back_keeps(0.3, last_minute), 1);
+        assert_eq!(push_back_keeps(-1.0, last_minute), 0);
     }
 
     #[test]

@@ -302,10 +302,11 @@ impl<A: AssetApi> Ingestor<A> {
 
     /// Pushes later the messages this instance handed back to `arn` that are due too soon for
     /// it to serve: of those due over [`PUSH_BACK_SPAN`] past [`CALL_BACK_AHEAD`], all beyond
-    /// what its part of the drain rate serves in that time ([`push_back_keeps`],
-    /// [`crate::drain::DrainGauge::share`] of the messages it has away), the furthest due
-    /// first. Each goes to the least crowded of [`PLACEMENT_CHOICES`] random times from the
-    /// end of that span to the end of the backlog's time left. Returns how many were moved.
+    /// what its part of the drain rate serves in that time, with a margin in the backlog's
+    /// last minute ([`push_back_keeps`], [`crate::drain::DrainGauge::share`] of the messages
+    /// it has away), the furthest due first. Each goes to the least crowded of
+    /// [`PLACEMENT_CHOICES`] random times from the end of that span to the end of the
+    /// backlog's time left. Returns how many were moved.
     /// Nothing is pushed while the limiter probes or counts the answers to its probe after the
     /// first 429, nor while the backlog's time left is unknown or shorter than the span.
     async fn push_back(&self, queue: &dyn QueueApi, arn: &str, until: Instant) -> usize {
@@ -327,7 +328,9 @@ impl<A: AssetApi> Ingestor<A> {
         let Some(rate) = self.gauge.share(arn, now, away) else {
             return 0;
         };
-        let crowded = self.away.crowded(arn, from, to, push_back_keeps(rate));
+        let crowded = self
+            .away
+            .crowded(arn, from, to, push_back_keeps(rate, left));
         if crowded.is_empty() {
             return 0;
         }

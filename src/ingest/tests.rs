@@ -596,17 +596,17 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
         .all(|(handle, seconds)| *seconds == 0 && due[handle] > 2));
 }
 
-/// An instance with no room to call back, on a backlog that fell from 300 to 280 messages
-/// over two seconds (10/s, 28 s left), holding `soon` hand-backs due in 2.5 s ("soon-i") and
-/// `far` due from 10 s on: what `call_back` did, and the changes it made.
-async fn push_backs(soon: usize, far: usize) -> (Returns, Vec<(String, i32)>) {
+/// An instance with no room to call back, on a backlog that fell by 20 messages over two
+/// seconds to `depth` (10/s, `depth / 10` s left), holding `soon` hand-backs due in 2.5 s
+/// ("soon-i") and `far` due from 10 s on: what `call_back` did, and the changes it made.
+async fn push_backs(depth: u64, soon: usize, far: usize) -> (Returns, Vec<(String, i32)>) {
     const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
     fastrand::seed(5);
-    let queue = draining(280, 0);
+    let queue = draining(depth, 0);
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
-    ingestor.gauge.observe(ARN, Instant::now(), 300);
+    ingestor.gauge.observe(ARN, Instant::now(), depth + 20);
     tokio::time::advance(Duration::from_secs(2)).await;
-    ingestor.gauge.observe(ARN, Instant::now(), 280);
+    ingestor.gauge.observe(ARN, Instant::now(), depth);
     let now = Instant::now();
     for i in 0..soon {
         let due = now + Duration::from_millis(2500);
@@ -630,10 +630,10 @@ async fn push_backs(soon: usize, far: usize) -> (Returns, Vec<(String, i32)>) {
 
 #[tokio::test(start_paused = true)]
 async fn with_no_room_hand_backs_due_sooner_than_the_instance_serves_are_pushed_later() {
-    // 30 of 280 away: its part of the drain rate, 1.07/s, serves 2 of the 8 due over the next
-    // two seconds. The other 6 go later, within the 28 s the backlog has left, and spend no
-    // receive; none is called back, for there is no room.
-    let (returns, changes) = push_backs(8, 22).await;
+    // 800 messages left, 80 s at 10/s. 86 of 800 away: its part of the drain rate, 1.07/s,
+    // serves 2 of the 8 due over the next two seconds. The other 6 go later, within the 80 s
+    // the backlog has left, and spend no receive; none is called back, for there is no room.
+    let (returns, changes) = push_backs(800, 8, 78).await;
     assert_eq!(
         returns,
         Returns {
@@ -645,16 +645,32 @@ async fn with_no_room_hand_backs_due_sooner_than_the_instance_serves_are_pushed_
     assert!(
         changes
             .iter()
+            .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=80).contains(seconds)),
+        "{changes:?}"
+    );
+    // 8 of 800: 0.1/s serves none of them. 232 of 800: 2.9/s serves 5.
+    assert_eq!(push_backs(800, 8, 0).await.0.pushed_back, 8);
+    assert_eq!(push_backs(800, 8, 224).await.0.pushed_back, 3);
+    // Holding the whole backlog, its part is the drain rate, 10/s: it serves all 8.
+    let (returns, changes) = push_backs(800, 8, 792).await;
+    assert_eq!(returns, Returns::default());
+    assert!(changes.is_empty(), "{changes:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_backlog_s_last_minute_the_push_back_keeps_twice_the_instance_s_part() {
+    // 280 messages left, 28 s at 10/s. 30 of 280 away: 1.07/s serves 2 of the 8 due over the
+    // next two seconds, and twice that stays: 4 are pushed, where a long backlog pushes 6.
+    let (returns, changes) = push_backs(280, 8, 22).await;
+    assert_eq!(returns.pushed_back, 4);
+    assert!(
+        changes
+            .iter()
             .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=28).contains(seconds)),
         "{changes:?}"
     );
-    // 8 of 280: 0.29/s serves none of them. 80 of 280: 2.9/s serves 5.
-    assert_eq!(push_backs(8, 0).await.0.pushed_back, 8);
-    assert_eq!(push_backs(8, 72).await.0.pushed_back, 3);
-    // Holding the whole backlog, its part is the drain rate, 10/s: it serves all 8.
-    let (returns, changes) = push_backs(8, 272).await;
-    assert_eq!(returns, Returns::default());
-    assert!(changes.is_empty(), "{changes:?}");
+    // 8 of 280: 0.29/s, twice that over two seconds keeps 1.
+    assert_eq!(push_backs(280, 8, 0).await.0.pushed_back, 7);
 }
 
 #[tokio::test(start_paused = true)]
