@@ -41,7 +41,7 @@
 //!   within the backlog's time left, placed as hand-backs are ([`Away::crowded`]). A push
 //!   spends no receive, where a return that finds no slot is handed back again (a delivery
 //!   spent) or waits billed on its last one. Call-backs correct a spread that proves too long;
-//!   this corrects one that proves too short. In a backlog's last minute the instance keeps
+//!   this corrects one that proves too short. In a backlog's last 30 seconds the instance keeps
 //!   twice its part ([`PUSH_BACK_MARGIN`]): returns held to the drain rate keep it where it
 //!   was measured, and quota left unused that late is not made up.
 //! - **A message on its last delivery that still fails** is sent to the dead-letter queue by the
@@ -282,15 +282,16 @@ pub const PUSH_BACK_SPAN: Duration = Duration::from_secs(2);
 
 /// Within this much of a backlog's end (its time left), the push-back keeps
 /// [`PUSH_BACK_MARGIN`] times what the instance's part of the drain rate serves.
-pub const PUSH_BACK_MARGIN_WITHIN: Duration = Duration::from_secs(60);
+pub const PUSH_BACK_MARGIN_WITHIN: Duration = Duration::from_secs(30);
 
-/// How many times its part of the drain rate an instance keeps due in a backlog's last minute
+/// How many times its part of the drain rate an instance keeps due in a backlog's last 30 s
 /// ([`push_back_keeps`]). The drain rate is measured from the returns the instances serve, so
 /// returns held to it keep the drain where it was first measured, below the quota when the
 /// instances were still finding it (docs/throttling.md, stops 39 and 41). A margin lets the
-/// drain rise again. In the last minute, a return pushed too late leaves quota unused that the
+/// drain rise again. In the last 30 s, a return pushed too late leaves quota unused that the
 /// backlog cannot make up; earlier, the margin costs billing (the 6,000-message backlog billed
-/// about 750 s with a margin of 2 throughout, against about 520 s without).
+/// about 750 s with a margin of 2 throughout and about 620 s with it in the last minute,
+/// against 390 s to 540 s without and 440 s to 570 s with it in the last 30 s).
 pub const PUSH_BACK_MARGIN: f64 = 2.0;
 
 /// How many of an instance's hand-backs due over [`PUSH_BACK_SPAN`] stay where they are when
@@ -751,13 +752,13 @@ mod tests {
         assert_eq!(away.due_near("q", at(20_000)), 2);
         assert_eq!(away.take("q", now, |_| 2), ["c", "d"]);
         assert!(away.crowded("other", from, to, 0).is_empty());
-        let long = Duration::from_secs(60);
-        let last_minute = Duration::from_secs(59);
+        let long = Duration::from_secs(30);
+        let last_seconds = Duration::from_secs(29);
         assert_eq!(push_back_keeps(1.07, long), 2);
-        assert_eq!(push_back_keeps(1.07, last_minute), 4);
+        assert_eq!(push_back_keeps(1.07, last_seconds), 4);
         assert_eq!(push_back_keeps(0.3, long), 0);
-        assert_eq!(push_back_keeps(0.3, last_minute), 1);
-        assert_eq!(push_back_keeps(-1.0, last_minute), 0);
+        assert_eq!(push_back_keeps(0.3, last_seconds), 1);
+        assert_eq!(push_back_keeps(-1.0, last_seconds), 0);
     }
 
     #[test]

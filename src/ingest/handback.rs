@@ -303,7 +303,7 @@ impl<A: AssetApi> Ingestor<A> {
     /// Pushes later the messages this instance handed back to `arn` that are due too soon for
     /// it to serve: of those due over [`PUSH_BACK_SPAN`] past [`CALL_BACK_AHEAD`], all beyond
     /// what its part of the drain rate serves in that time, with a margin in the backlog's
-    /// last minute ([`push_back_keeps`], [`crate::drain::DrainGauge::share`] of the messages
+    /// last 30 seconds ([`push_back_keeps`], [`crate::drain::DrainGauge::share`] of the messages
     /// it has away), the furthest due first. Each goes to the least crowded of
     /// [`PLACEMENT_CHOICES`] random times from the end of that span to the end of the
     /// backlog's time left. Returns how many were moved.

@@ -658,7 +658,7 @@ async fn with_no_room_hand_backs_due_sooner_than_the_instance_serves_are_pushed_
 }
 
 #[tokio::test(start_paused = true)]
-async fn in_a_backlog_s_last_minute_the_push_back_keeps_twice_the_instance_s_part() {
+async fn in_a_backlog_s_last_30_seconds_the_push_back_keeps_twice_the_instance_s_part() {
     // 280 messages left, 28 s at 10/s. 30 of 280 away: 1.07/s serves 2 of the 8 due over the
     // next two seconds, and twice that stays: 4 are pushed, where a long backlog pushes 6.
     let (returns, changes) = push_backs(280, 8, 22).await;
