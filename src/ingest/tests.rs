@@ -628,26 +628,32 @@ async fn push_backs(depth: u64, soon: usize, far: usize) -> (Returns, Vec<(Strin
     (returns, changes)
 }
 
+/// `call_back` called nothing back and pushed `pushed` of the messages due soon later, each
+/// from 3 s on and within the `left` seconds the backlog has left.
+fn assert_pushed_soon_ones(returns: Returns, changes: &[(String, i32)], pushed: usize, left: i32) {
+    assert_eq!(
+        returns,
+        Returns {
+            called_back: 0,
+            pushed_back: pushed
+        }
+    );
+    assert_eq!(changes.len(), pushed, "{changes:?}");
+    assert!(
+        changes
+            .iter()
+            .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=left).contains(seconds)),
+        "{changes:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn with_no_room_hand_backs_due_sooner_than_the_instance_serves_are_pushed_later() {
     // 800 messages left, 80 s at 10/s. 86 of 800 away: its part of the drain rate, 1.07/s,
     // serves 2 of the 8 due over the next two seconds. The other 6 go later, within the 80 s
     // the backlog has left, and spend no receive; none is called back, for there is no room.
     let (returns, changes) = push_backs(800, 8, 78).await;
-    assert_eq!(
-        returns,
-        Returns {
-            called_back: 0,
-            pushed_back: 6
-        }
-    );
-    assert_eq!(changes.len(), 6);
-    assert!(
-        changes
-            .iter()
-            .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=80).contains(seconds)),
-        "{changes:?}"
-    );
+    assert_pushed_soon_ones(returns, &changes, 6, 80);
     // 8 of 800: 0.1/s serves none of them. 232 of 800: 2.9/s serves 5.
     assert_eq!(push_backs(800, 8, 0).await.0.pushed_back, 8);
     assert_eq!(push_backs(800, 8, 224).await.0.pushed_back, 3);
@@ -662,13 +668,7 @@ async fn in_a_backlog_s_last_30_seconds_the_push_back_keeps_twice_the_instance_s
     // 280 messages left, 28 s at 10/s. 30 of 280 away: 1.07/s serves 2 of the 8 due over the
     // next two seconds, and twice that stays: 4 are pushed, where a long backlog pushes 6.
     let (returns, changes) = push_backs(280, 8, 22).await;
-    assert_eq!(returns.pushed_back, 4);
-    assert!(
-        changes
-            .iter()
-            .all(|(handle, seconds)| handle.starts_with("soon-") && (3..=28).contains(seconds)),
-        "{changes:?}"
-    );
+    assert_pushed_soon_ones(returns, &changes, 4, 28);
     // 8 of 280: 0.29/s, twice that over two seconds keeps 1.
     assert_eq!(push_backs(280, 8, 0).await.0.pushed_back, 7);
 }
