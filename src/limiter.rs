@@ -176,6 +176,9 @@ struct State {
     /// After the first throttle, until every probe call of the last second has answered, or
     /// [`SETTLE_WITHIN`] has passed.
     settling: Option<Settling>,
+    /// For [`LimiterStats`].
+    throttles: u64,
+    cuts: u64,
 }
 
 /// The answers to the probe, counted after the first throttle: the share the API accepted is
@@ -199,6 +202,10 @@ pub struct LimiterStats {
     pub probing: bool,
     /// Whether the limiter is still counting the answers to its probe ([`SETTLE_WITHIN`]).
     pub settling: bool,
+    /// Calls the API throttled, over the limiter's life.
+    pub throttles: u64,
+    /// Cuts of the rate those throttles made (at most one per cool-down).
+    pub cuts: u64,
 }
 
 /// An AIMD rate limiter with pacing and a booking line; see the module documentation.
@@ -241,6 +248,8 @@ impl RateLimiter {
                 window: config.initial_window.max(1) as usize,
                 out: 0,
                 settling: None,
+                throttles: 0,
+                cuts: 0,
             }),
             answered: Notify::new(),
         }
@@ -255,6 +264,8 @@ impl RateLimiter {
             slow_start: state.slow_start,
             probing: state.probing.is_some(),
             settling: state.settling.is_some(),
+            throttles: state.throttles,
+            cuts: state.cuts,
         }
     }
 
@@ -514,6 +525,7 @@ impl RateLimiter {
     pub fn on_throttle(&self, permit: &Permit) {
         let mut state = self.state.lock().expect("limiter lock");
         let first = state.probing.is_some();
+        state.throttles += 1;
         if !first {
             self.tally(&mut state, permit, false);
         }
@@ -559,6 +571,7 @@ impl RateLimiter {
         state.peak = state.rate.max(state.peak * 0.9);
         state.rate = clamp(state.rate * self.config.decrease, &self.config);
         state.slow_start = false;
+        state.cuts += 1;
         state.last_cut = Some(now);
         // An empty bucket: the next call waits one interval at the new rate.
         let empty = self.emptied(now, state.rate);
@@ -1112,6 +1125,12 @@ mod tests {
         let later = limiter.acquire(far, NO_HORIZON).await.unwrap();
         limiter.on_throttle(&later);
         assert!((limiter.stats().rate - 2.5).abs() < 1e-9);
+        let stats = limiter.stats();
+        assert_eq!(
+            (stats.throttles, stats.cuts),
+            (7, 2),
+            "seven throttles, two cuts"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,6 +23,7 @@ use aws_sdk_mediapackagevod::config::timeout::TimeoutConfig;
 use aws_sdk_mediapackagevod::config::{BehaviorVersion, Credentials, Region};
 use mpvod_ingest::config::Config;
 use mpvod_ingest::ingest::Ingestor;
+use mpvod_ingest::limiter::LimiterStats;
 use mpvod_ingest::mediapackage::{ErrorKind, SdkAssetApi};
 use mpvod_ingest::message::{AssetRequest, Defaults};
 use mpvod_ingest::sqs::{DeadLetter, QueueApi, QueueError, VisibilityChange};
@@ -417,6 +418,11 @@ pub trait Function: Send + Sync {
         records: &[SqsMessage],
         deadline: Instant,
     ) -> Result<SqsBatchResponse, String>;
+
+    /// The instance's own rate limiter, if it has one: traced under `BENCH_TRACE`.
+    fn limiter(&self) -> Option<LimiterStats> {
+        None
+    }
 }
 
 /// The event source mapping's settings.
@@ -593,6 +599,27 @@ pub async fn drain(
     // and spent in invocations that ended (busy), since the last line.
     let idle: Arc<AtomicU64> = Arc::default();
     let busy: Arc<AtomicU64> = Arc::default();
+    // Under BENCH_TRACE, every second: each instance's limiter (rate/throttles/cuts), and the
+    // queue.
+    let limiters = trace.then(|| {
+        let (queue, instances) = (queue.clone(), instances.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let rates: Vec<String> = instances
+                    .iter()
+                    .filter_map(|f| f.limiter())
+                    .map(|s| format!("{:.1}/{}/{}", s.rate, s.throttles, s.cuts))
+                    .collect();
+                eprintln!(
+                    "t={:>5.1}s limiters {} | {}",
+                    start.elapsed().as_secs_f64(),
+                    rates.join(" "),
+                    queue.trace().unwrap_or_default()
+                );
+            }
+        })
+    });
     for function in instances {
         let idle = idle.clone();
         let busy = busy.clone();
@@ -670,6 +697,9 @@ pub async fn drain(
         total.timeouts += report.timeouts;
     }
     total.drain_time = start.elapsed();
+    if let Some(limiters) = limiters {
+        limiters.abort();
+    }
     if let Some(ticker) = ticker {
         ticker.abort();
         let h = histogram.lock().unwrap();
@@ -732,6 +762,10 @@ impl Function for Ours {
             .handle_batch(records, deadline)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    fn limiter(&self) -> Option<LimiterStats> {
+        Some(self.0.limiter().stats())
     }
 }
 
