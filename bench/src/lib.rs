@@ -599,27 +599,8 @@ pub async fn drain(
     // and spent in invocations that ended (busy), since the last line.
     let idle: Arc<AtomicU64> = Arc::default();
     let busy: Arc<AtomicU64> = Arc::default();
-    // Under BENCH_TRACE, every second: each instance's limiter (rate/throttles/cuts), and the
-    // queue.
-    let limiters = trace.then(|| {
-        let (queue, instances) = (queue.clone(), instances.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let rates: Vec<String> = instances
-                    .iter()
-                    .filter_map(|f| f.limiter())
-                    .map(|s| format!("{:.1}/{}/{}", s.rate, s.throttles, s.cuts))
-                    .collect();
-                eprintln!(
-                    "t={:>5.1}s limiters {} | {}",
-                    start.elapsed().as_secs_f64(),
-                    rates.join(" "),
-                    queue.trace().unwrap_or_default()
-                );
-            }
-        })
-    });
+    // Under BENCH_TRACE: the limiters traced every second.
+    let traced = instances.clone();
     for function in instances {
         let idle = idle.clone();
         let busy = busy.clone();
@@ -668,8 +649,22 @@ pub async fn drain(
         let idle = idle.clone();
         let busy = busy.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+            for tick in 1u64.. {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Each instance's limiter: rate/throttles/cuts.
+                let limiters: Vec<String> = traced
+                    .iter()
+                    .filter_map(|f| f.limiter())
+                    .map(|s| format!("{:.1}/{}/{}", s.rate, s.throttles, s.cuts))
+                    .collect();
+                eprintln!(
+                    "t={:>5.1}s limiters {}",
+                    start.elapsed().as_secs_f64(),
+                    limiters.join(" ")
+                );
+                if tick % 5 != 0 {
+                    continue;
+                }
                 if let Some(line) = queue.trace() {
                     // Of the records of the invocations that ended over the last five seconds,
                     // those not deleted were reported back (handed back, or to retry).
@@ -697,9 +692,6 @@ pub async fn drain(
         total.timeouts += report.timeouts;
     }
     total.drain_time = start.elapsed();
-    if let Some(limiters) = limiters {
-        limiters.abort();
-    }
     if let Some(ticker) = ticker {
         ticker.abort();
         let h = histogram.lock().unwrap();
