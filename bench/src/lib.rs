@@ -657,11 +657,14 @@ pub async fn drain(
                     .filter_map(|f| f.limiter())
                     .map(|s| format!("{:.1}/{}/{}", s.rate, s.throttles, s.cuts))
                     .collect();
-                eprintln!(
-                    "t={:>5.1}s limiters {}",
-                    start.elapsed().as_secs_f64(),
-                    limiters.join(" ")
-                );
+                // The baselines have no limiter of their own: no line for them.
+                if !limiters.is_empty() {
+                    eprintln!(
+                        "t={:>5.1}s limiters {}",
+                        start.elapsed().as_secs_f64(),
+                        limiters.join(" ")
+                    );
+                }
                 if tick % 5 != 0 {
                     continue;
                 }
