@@ -437,6 +437,9 @@ pub struct Mapping {
     pub function_timeout: Duration,
     /// Give up after this long.
     pub give_up_after: Duration,
+    /// How long after the one before each poller starts: zero for instances that all start
+    /// at once, more for instances whose cold starts are spread out.
+    pub stagger: Duration,
 }
 
 /// What a drain cost.
@@ -556,9 +559,10 @@ pub async fn serve(
     mapping: Mapping,
     counts: Arc<ServeCounts>,
 ) {
-    let pollers = instances.into_iter().map(|function| {
+    let pollers = instances.into_iter().enumerate().map(|(index, function)| {
         let (queue, counts) = (queue.clone(), counts.clone());
         async move {
+            tokio::time::sleep(mapping.stagger * index as u32).await;
             loop {
                 let records = gather(queue.as_ref(), &mapping).await;
                 if records.is_empty() {
@@ -601,7 +605,7 @@ pub async fn drain(
     let busy: Arc<AtomicU64> = Arc::default();
     // Under BENCH_TRACE: the limiters traced every second.
     let traced = instances.clone();
-    for function in instances {
+    for (index, function) in instances.into_iter().enumerate() {
         let idle = idle.clone();
         let busy = busy.clone();
         let queue = queue.clone();
@@ -609,6 +613,7 @@ pub async fn drain(
         let handled = handled.clone();
         pollers.push(tokio::spawn(async move {
             let mut report = DrainReport::default();
+            tokio::time::sleep(mapping.stagger * index as u32).await;
             while !queue.is_empty().await && Instant::now() < stop {
                 let records = gather(queue.as_ref(), &mapping).await;
                 if records.is_empty() {

@@ -3,9 +3,9 @@
 //! targets compare with them, the baselines, side by side in one run.
 //!
 //! Environment: `BENCH_ROWS` (comma-separated row names, default all: `cold`, `a3`, `a5`,
-//! `a20`, `a-`, `b3`, `b5`, `b20`, `b-`, `c5`, `slow`, `fifo`; `a-` and `b-` have no redrive
-//! policy), `BENCH_STRATEGIES=ours` (this function
-//! only), `BENCH_RUNS` (runs of each row, default 1: with more, the strategies take turns, and
+//! `a5s`, `a20`, `a-`, `b3`, `b5`, `b5s`, `b20`, `b-`, `c5`, `slow`, `fifo`; `a-` and `b-`
+//! have no redrive policy, `a5s` and `b5s` start their instances 300 ms apart),
+//! `BENCH_STRATEGIES=ours` (this function only), `BENCH_RUNS` (runs of each row, default 1: with more, the strategies take turns, and
 //! a summary table gives the median and the range of each figure), `BENCH_ENV_<VAR>` (the
 //! function's variable `<VAR>`), `BENCH_TRACE=1`.
 

@@ -38,6 +38,8 @@ pub struct Row {
     pub max_receive_count: Option<u32>,
     /// FIFO message groups; `None` for a standard queue.
     pub fifo_groups: Option<usize>,
+    /// How long after the one before each instance starts (zero: all at once).
+    pub stagger: Duration,
 }
 
 impl Row {
@@ -167,6 +169,7 @@ pub async fn run(row: &Row, strategy: Strategy, config: &Config) -> Outcome {
         batching_window: Duration::ZERO,
         function_timeout: row.function_timeout,
         give_up_after: row.ideal().mul_f64(6.0) + Duration::from_secs(60),
+        stagger: row.stagger,
     };
     let report = drain(queue.clone(), instances, mapping).await;
     let made = emulator.assets();
@@ -225,6 +228,7 @@ pub const A: Row = Row {
     function_timeout: Duration::from_secs(30),
     max_receive_count: Some(5),
     fifo_groups: None,
+    stagger: Duration::ZERO,
 };
 
 /// Scenario B: 1,200 messages, 5 instances, 20 req/s, `maxReceiveCount` 5.
@@ -271,6 +275,10 @@ pub const FIFO: Row = Row {
     ..A
 };
 
+/// How far apart the instances of the staggered rows (`a5s`, `b5s`) start, as cold starts
+/// spread out: the first instance meets the API's whole burst alone.
+pub const STAGGER: Duration = Duration::from_millis(300);
+
 /// The rows of `make bench`, with the strategies each runs: the baselines run where the
 /// targets compare with them.
 pub fn rows() -> Vec<(Row, &'static [Strategy])> {
@@ -293,6 +301,14 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
             OURS,
         ),
         (A, ALL),
+        (
+            Row {
+                name: "a5s",
+                stagger: STAGGER,
+                ..A
+            },
+            OURS,
+        ),
         (
             Row {
                 name: "a20",
@@ -318,6 +334,14 @@ pub fn rows() -> Vec<(Row, &'static [Strategy])> {
             OURS,
         ),
         (B, ALL),
+        (
+            Row {
+                name: "b5s",
+                stagger: STAGGER,
+                ..B
+            },
+            OURS,
+        ),
         (
             Row {
                 name: "b20",

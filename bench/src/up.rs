@@ -160,6 +160,7 @@ async fn main() -> ExitCode {
             batching_window,
             function_timeout: Duration::from_secs(30),
             give_up_after: Duration::MAX,
+            stagger: Duration::ZERO,
         };
         tasks.push(tokio::spawn(serve(
             source,

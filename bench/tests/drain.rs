@@ -36,6 +36,7 @@ const MAPPING: Mapping = Mapping {
     batching_window: Duration::ZERO,
     function_timeout: Duration::from_secs(30),
     give_up_after: Duration::from_secs(120),
+    stagger: Duration::ZERO,
 };
 
 fn share(stats: Stats) -> f64 {

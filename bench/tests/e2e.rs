@@ -160,6 +160,7 @@ impl Stack {
             batching_window: Duration::ZERO,
             function_timeout: timeout,
             give_up_after: Duration::from_secs(240),
+            stagger: Duration::ZERO,
         };
         let report = drain(source.clone(), self.instances.clone(), mapping).await;
         let receives = source.receives();

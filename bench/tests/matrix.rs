@@ -3,7 +3,7 @@
 //! times out, nothing is lost, FIFO order is kept, and an API that never throttles sees no
 //! message handed back.
 
-use mpvod_bench::matrix::{run, Outcome, Row, Strategy, A, COLD, FIFO, SLOW};
+use mpvod_bench::matrix::{run, Outcome, Row, Strategy, A, COLD, FIFO, SLOW, STAGGER};
 use mpvod_ingest::config::Config;
 
 async fn ours(row: Row) -> Outcome {
@@ -59,6 +59,27 @@ async fn a_throttled_backlog_at_max_receive_count_3_loses_no_valid_message() {
     .await;
     assert_clean(&o);
     assert!(o.max_receives <= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_apart_at_max_receive_count_3_lose_no_valid_message() {
+    // The first instance meets the API's whole burst alone and the later ones find it empty:
+    // their cold probes are refused, and what they learn from it must not cost a delivery
+    // they do not have.
+    let o = ours(Row {
+        name: "a3s",
+        messages: 60,
+        max_receive_count: Some(3),
+        stagger: STAGGER,
+        ..A
+    })
+    .await;
+    assert_clean(&o);
+    assert!(o.max_receives <= 3);
+    assert!(
+        o.stats.throttled > 0,
+        "the later instances' probes were refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
