@@ -5,9 +5,9 @@
 //! Environment: `BENCH_ROWS` (comma-separated row names, default all: `cold`, `a3`, `a5`,
 //! `a5s`, `a20`, `a-`, `b3`, `b5`, `b5s`, `b20`, `b-`, `c5`, `slow`, `fifo`; `a-` and `b-`
 //! have no redrive policy, `a5s` and `b5s` start their instances 300 ms apart),
-//! `BENCH_STRATEGIES=ours` (this function only), `BENCH_RUNS` (runs of each row, default 1: with more, the strategies take turns, and
-//! a summary table gives the median and the range of each figure), `BENCH_ENV_<VAR>` (the
-//! function's variable `<VAR>`), `BENCH_TRACE=1`.
+//! `BENCH_STRATEGIES=ours` (this function only), `BENCH_RUNS` (runs of each row, default 1:
+//! with more, the strategies take turns, and a summary table gives the median and the range
+//! of each figure), `BENCH_ENV_<VAR>` (the function's variable `<VAR>`), `BENCH_TRACE=1`.
 
 use mpvod_bench::matrix::{
     header, line, rows, run, summary_header, summary_line, Outcome, Strategy, Summary,
