@@ -323,7 +323,6 @@ struct Draining {
     fall: u64,
     answers: std::sync::atomic::AtomicBool,
     reads: Mutex<Vec<Instant>>,
-    delays: Mutex<Vec<i32>>,
     /// Every change: receipt handle and visibility timeout.
     changes: Mutex<Vec<(String, i32)>>,
 }
@@ -338,8 +337,6 @@ impl QueueApi for &'static Draining {
         _: &str,
         changes: &[VisibilityChange],
     ) -> Vec<Result<(), crate::sqs::QueueError>> {
-        let mut delays = self.delays.lock().unwrap();
-        delays.extend(changes.iter().map(|c| c.seconds));
         let mut all = self.changes.lock().unwrap();
         all.extend(
             changes
@@ -367,6 +364,12 @@ impl QueueApi for &'static Draining {
 }
 
 impl Draining {
+    /// The visibility timeout of every change, in order.
+    fn seconds(&self) -> Vec<i32> {
+        let changes = self.changes.lock().unwrap();
+        changes.iter().map(|(_, seconds)| *seconds).collect()
+    }
+
     /// How many messages had their redelivery delayed: distinct receipt handles given a
     /// visibility timeout above zero. A hand-back pushed later after it was placed
     /// ([`Ingestor::call_back`]) is one message changed twice, and counts once.
@@ -388,7 +391,6 @@ fn draining(depth: u64, fall: u64) -> &'static Draining {
         fall,
         answers: true.into(),
         reads: Mutex::default(),
-        delays: Mutex::default(),
         changes: Mutex::default(),
     }))
 }
@@ -411,12 +413,12 @@ async fn handed_back_messages_are_spread_over_the_time_the_backlog_has_left() {
     let mut delays = Vec::new();
     for step_ms in [0, 1000, 500, 500] {
         tokio::time::advance(Duration::from_millis(step_ms)).await;
-        queue.delays.lock().unwrap().clear();
+        queue.changes.lock().unwrap().clear();
         ingestor
             .handle_batch(&records, Instant::now() + Duration::from_secs(60))
             .await
             .unwrap();
-        delays.push(queue.delays.lock().unwrap().clone());
+        delays.push(queue.seconds());
     }
     // The depth is read at most once a second: at 0 s, 1 s and 2 s, not at 1.5 s.
     let reads: Vec<u128> = queue
@@ -746,7 +748,7 @@ async fn messages_wait_for_their_slots_until_the_backlog_drain_is_measured() {
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert_eq!((created, handed_back), (10, 0));
     assert!(seconds >= 2.0, "{seconds} s");
-    assert!(queue.delays.lock().unwrap().is_empty());
+    assert!(queue.changes.lock().unwrap().is_empty());
     // The next batch reads the depth again, more than two seconds later: the fall is measured,
     // and the messages without a slot go back within the time the backlog has left.
     let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
@@ -777,7 +779,7 @@ async fn messages_wait_for_their_slots_until_the_backlog_drain_is_measured() {
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert_eq!((created, handed_back), (10, 0));
     assert!(seconds >= 2.0, "{seconds} s");
-    assert!(queue.delays.lock().unwrap().is_empty());
+    assert!(queue.changes.lock().unwrap().is_empty());
 }
 
 fn slow_config() -> Config {
@@ -926,7 +928,7 @@ async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_w
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
     assert_eq!((created, handed_back), (10, 0));
     assert!(seconds >= 2.0, "{seconds} s");
-    assert!(queue.delays.lock().unwrap().is_empty());
+    assert!(queue.changes.lock().unwrap().is_empty());
     // A minute later the read answers: no redrive policy, so messages without a slot go back.
     tokio::time::advance(Duration::from_secs(60)).await;
     queue.answers.store(true, Ordering::Relaxed);
