@@ -368,7 +368,12 @@ impl RateLimiter {
     /// it is demand the limiter could not see, since a message handed back further ahead than
     /// the quota needed never asked for a slot. No room while probing or settling, or within
     /// [`CALL_BACK_QUIET`] of the last cut, while the quota has just been found full.
-    pub fn room(&self, now: Instant, most: u32) -> u32 {
+    ///
+    /// `idle` is how long the instance sat without an invocation before this one: the calls
+    /// its rate allowed over that time went unused, and as many may be called back, if that is
+    /// more than the bucket holds (the batch has just spent it). The caller bounds it
+    /// ([`crate::redelivery::IDLE_CALL_BACK`]).
+    pub fn room(&self, now: Instant, most: u32, idle: Duration) -> u32 {
         let mut state = self.state.lock().expect("limiter lock");
         self.settle_overdue(&mut state, now);
         if most == 0
@@ -381,10 +386,16 @@ impl RateLimiter {
         let interval = 1.0 / state.rate;
         let tolerance = self.tolerance(state.rate).as_secs_f64();
         let ahead = state.next_send.saturating_duration_since(now).as_secs_f64();
-        if ahead > tolerance {
+        let in_bucket = if ahead > tolerance {
+            0
+        } else {
+            ((tolerance - ahead) / interval).floor() as u32 + 1
+        };
+        let unused = (state.rate * idle.as_secs_f64()).floor() as u32;
+        let room = in_bucket.max(unused).min(most);
+        if room == 0 {
             return 0;
         }
-        let room = (((tolerance - ahead) / interval).floor() as u32 + 1).min(most);
         if !state.slow_start {
             let gain = self.config.additive / state.rate * f64::from(room);
             state.rate = clamp(state.rate + gain, &self.config);
@@ -713,8 +724,8 @@ mod tests {
         let limiter = bursty(4.0);
         let start = Instant::now();
         let far = start + Duration::from_secs(60);
-        assert_eq!(limiter.room(start, 10), 4);
-        assert_eq!(limiter.room(start, 3), 3);
+        assert_eq!(limiter.room(start, 10, Duration::ZERO), 4);
+        assert_eq!(limiter.room(start, 3, Duration::ZERO), 3);
         assert_eq!(
             limiter.stats().rate,
             4.0,
@@ -725,15 +736,27 @@ mod tests {
             .map(|_| limiter.reserve(start, far, NO_HORIZON).unwrap())
             .collect();
         assert!(permits.iter().all(|p| p.at == start));
-        assert_eq!(limiter.room(start, 10), 0, "the bucket is empty");
-        // A cut to 2/s: no room for two seconds, though the bucket refills in one.
+        assert_eq!(
+            limiter.room(start, 10, Duration::ZERO),
+            0,
+            "the bucket is empty"
+        );
+        // The instance sat idle before this invocation: what its rate allowed over that time
+        // went unused, and is room, though its batch has just emptied the bucket.
+        let idle = Duration::from_millis(500);
+        assert_eq!(limiter.room(start, 10, idle), 2);
+        assert_eq!(limiter.room(start, 1, idle), 1);
+        assert_eq!(limiter.room(start, 10, Duration::from_millis(200)), 0);
+        // A cut to 2/s: no room for two seconds, though the bucket refills in one, and none for
+        // an idle gap either: the quota has just been found full.
         limiter.on_throttle(&permits[3]);
         assert_eq!(limiter.stats().rate, 2.0);
         tokio::time::advance(Duration::from_millis(1900)).await;
-        assert_eq!(limiter.room(Instant::now(), 10), 0);
+        assert_eq!(limiter.room(Instant::now(), 10, Duration::ZERO), 0);
+        assert_eq!(limiter.room(Instant::now(), 10, idle), 0);
         tokio::time::advance(Duration::from_millis(100)).await;
         // A second deep at 2/s: room for two, each raising the rate as a paced call does.
-        assert_eq!(limiter.room(Instant::now(), 10), 2);
+        assert_eq!(limiter.room(Instant::now(), 10, Duration::ZERO), 2);
         assert!(
             (limiter.stats().rate - 2.2).abs() < 1e-9,
             "{:?}",
@@ -744,7 +767,8 @@ mod tests {
             probe: true,
             ..LimiterConfig::default()
         });
-        assert_eq!(probing.room(Instant::now(), 10), 0);
+        assert_eq!(probing.room(Instant::now(), 10, Duration::ZERO), 0);
+        assert_eq!(probing.room(Instant::now(), 10, Duration::from_secs(1)), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -941,7 +965,7 @@ mod tests {
             "half the ten sent, below the nine accepted"
         );
         tokio::time::advance(CALL_BACK_QUIET).await;
-        assert!(limiter.room(Instant::now(), 10) > 0);
+        assert!(limiter.room(Instant::now(), 10, Duration::ZERO) > 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -954,7 +978,7 @@ mod tests {
         assert!(stats.settling);
         assert_eq!(stats.rate, 5.0, "the halved window while settling");
         assert_eq!(
-            limiter.room(Instant::now(), 10),
+            limiter.room(Instant::now(), 10, Duration::ZERO),
             0,
             "no call-backs while settling"
         );
@@ -963,7 +987,11 @@ mod tests {
         assert!(!stats.settling);
         // Two accepted of the nine that answered, of ten sent: the tenth counts as they fared.
         assert!((stats.rate - 20.0 / 9.0).abs() < 1e-9, "{}", stats.rate);
-        assert_eq!(limiter.room(Instant::now(), 10), 2, "call-backs again");
+        assert_eq!(
+            limiter.room(Instant::now(), 10, Duration::ZERO),
+            2,
+            "call-backs again"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,8 +11,8 @@ use crate::backoff::{visibility_seconds, Backoff, SQS_MAX_VISIBILITY};
 use crate::drain::spread;
 use crate::mediapackage::AssetApi;
 use crate::redelivery::{
-    push_back_keeps, Budget, Delays, Redelivery, CALL_BACK_AHEAD, PLACEMENT_CHOICES,
-    PLACEMENT_WINDOW, PUSH_BACK_SPAN,
+    push_back_keeps, Budget, Delays, Redelivery, CALL_BACK_AHEAD, IDLE_CALL_BACK,
+    PLACEMENT_CHOICES, PLACEMENT_WINDOW, PUSH_BACK_SPAN,
 };
 use crate::sqs::{QueueApi, VisibilityChange};
 
@@ -239,14 +239,31 @@ impl<A: AssetApi> Ingestor<A> {
         }
     }
 
+    /// How long this instance sat idle before an invocation that started at `started`: since
+    /// its last one ended, at most [`IDLE_CALL_BACK`]. Nothing before its first.
+    pub(super) fn idle_before(&self, started: Instant) -> Duration {
+        self.last_ended
+            .lock()
+            .expect("last ended")
+            .map_or(Duration::ZERO, |ended| {
+                started.saturating_duration_since(ended).min(IDLE_CALL_BACK)
+            })
+    }
+
     /// Calls back messages this instance handed back for want of a slot, the furthest due
-    /// first, as many as its limiter has room for now ([`crate::redelivery::Away`],
+    /// first, as many as its limiter has room for now, counting the calls its rate allowed
+    /// over the `idle` gap before this invocation ([`crate::redelivery::Away`],
     /// [`crate::limiter::RateLimiter::room`]), or every one once the backlog is within
     /// [`crate::drain::ENDGAME`] of its end, giving up at `until`: quota the returns leave
     /// unused is used by messages that were away rather than left idle. With no room, pushes
     /// later those due too soon for its part of the drain rate ([`Ingestor::push_back`]).
     /// A call-back or push that fails changes nothing: the message comes back when due.
-    pub async fn call_back(&self, records: &[SqsMessage], until: Instant) -> Returns {
+    pub async fn call_back(
+        &self,
+        records: &[SqsMessage],
+        until: Instant,
+        idle: Duration,
+    ) -> Returns {
         let mut returns = Returns::default();
         let Some(queue) = &self.queue else {
             return returns;
@@ -263,7 +280,7 @@ impl<A: AssetApi> Ingestor<A> {
                 if ending {
                     available
                 } else {
-                    self.limiter.room(now, available as u32) as usize
+                    self.limiter.room(now, available as u32, idle) as usize
                 }
             });
             if handles.is_empty() {

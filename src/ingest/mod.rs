@@ -331,6 +331,9 @@ pub struct Ingestor<A> {
     /// The messages this instance handed back for want of a slot, to call back when it has
     /// room.
     away: Away,
+    /// When this instance's last invocation ended: the idle gap before the next sizes its
+    /// call-back ([`crate::redelivery::IDLE_CALL_BACK`]).
+    last_ended: Mutex<Option<Instant>>,
 }
 
 impl<A: AssetApi> Ingestor<A> {
@@ -367,6 +370,7 @@ impl<A: AssetApi> Ingestor<A> {
             emf: None,
             quota_refusals: Mutex::default(),
             away: Away::default(),
+            last_ended: Mutex::default(),
         }
     }
 
@@ -445,6 +449,7 @@ impl<A: AssetApi> Ingestor<A> {
         deadline: Instant,
     ) -> (Result<SqsBatchResponse, MissingMessageId>, BatchMetrics) {
         let started = Instant::now();
+        let idle = self.idle_before(started);
         let report = deadline.checked_sub(RESPONSE_TIME).unwrap_or(deadline);
         let outcomes = self.process_batch(records, deadline).await;
         // Events take at most half of what is left, so dead letters and delays keep the rest.
@@ -456,8 +461,9 @@ impl<A: AssetApi> Ingestor<A> {
         let mut returns = Returns::default();
         if response.is_ok() {
             self.delay_redeliveries(records, &outcomes, report).await;
-            returns = self.call_back(records, report).await;
+            returns = self.call_back(records, report, idle).await;
         }
+        *self.last_ended.lock().expect("last ended") = Some(Instant::now());
         let metrics = BatchMetrics::of(
             records,
             &outcomes,

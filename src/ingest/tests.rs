@@ -506,7 +506,10 @@ impl HandedBack {
     /// seconds that this instance cannot serve are pushed later. The delay of each message
     /// from now on, pushes included.
     async fn call_back_without_room(&self) -> BTreeMap<String, i32> {
-        let returns = self.ingestor.call_back(&self.records, self.until).await;
+        let returns = self
+            .ingestor
+            .call_back(&self.records, self.until, Duration::ZERO)
+            .await;
         assert_eq!(returns.called_back, 0);
         let mut due = self.delays.clone();
         let pushes: Vec<(String, i32)> = self.queue.changes.lock().unwrap().drain(..).collect();
@@ -545,7 +548,7 @@ async fn messages_handed_back_for_want_of_a_slot_are_called_back_furthest_first_
         tokio::time::advance(Duration::from_secs(1)).await;
         let n = back
             .ingestor
-            .call_back(&back.records, back.until)
+            .call_back(&back.records, back.until, Duration::ZERO)
             .await
             .called_back;
         let changes: Vec<(String, i32)> = back.queue.changes.lock().unwrap().drain(..).collect();
@@ -601,7 +604,7 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
     assert!(due_later >= 4, "{due:?}");
     assert_eq!(
         back.ingestor
-            .call_back(&back.records, back.until)
+            .call_back(&back.records, back.until, Duration::ZERO)
             .await
             .called_back,
         due_later
@@ -611,6 +614,49 @@ async fn in_a_backlog_s_last_seconds_every_message_away_is_called_back_whatever_
     assert!(called
         .iter()
         .all(|(handle, seconds)| *seconds == 0 && due[handle] > 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_sat_idle_calls_back_the_calls_its_rate_left_unused_meanwhile() {
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    let queue = draining(980, 0);
+    let config = Config {
+        initial_rate: Some(4.0),
+        ..slow_config()
+    };
+    let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
+    ingestor.gauge.observe(ARN, Instant::now(), 1000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 980);
+    // Six messages away, due 20 to 25 s from now.
+    let now = Instant::now();
+    for i in 0..6 {
+        let due = now + Duration::from_secs(20 + i);
+        ingestor.away.hold(ARN, due, format!("away-{i}"));
+    }
+    // One message a batch: it takes the bucket's one slot (4/s, no burst).
+    let one = &batch(1)[..1];
+    let deadline = || Instant::now() + Duration::from_secs(30);
+    let called = |queue: &Draining| -> Vec<String> {
+        let changes: Vec<(String, i32)> = queue.changes.lock().unwrap().drain(..).collect();
+        assert!(
+            changes.iter().all(|(_, seconds)| *seconds == 0),
+            "{changes:?}"
+        );
+        changes.into_iter().map(|(handle, _)| handle).collect()
+    };
+    // The instance's first invocation: no idle gap known, the bucket spent, nothing called back.
+    ingestor.handle_batch(one, deadline()).await.unwrap();
+    assert_eq!(called(queue), Vec::<String>::new());
+    // After two seconds without an invocation: the rate allowed eight calls, half a second's
+    // worth (two) is made up, the furthest due first.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.handle_batch(one, deadline()).await.unwrap();
+    assert_eq!(called(queue), ["away-5", "away-4"]);
+    // 0.3 s idle is one call at 4/s.
+    tokio::time::advance(Duration::from_millis(300)).await;
+    ingestor.handle_batch(one, deadline()).await.unwrap();
+    assert_eq!(called(queue), ["away-3"]);
 }
 
 /// An instance with no room to call back, on a backlog that fell by 20 messages over two
@@ -638,7 +684,7 @@ async fn push_backs(depth: u64, soon: usize, far: usize) -> (Returns, Vec<(Strin
         .limiter
         .reserve(now, until, Duration::ZERO)
         .unwrap();
-    let returns = ingestor.call_back(&batch(1), until).await;
+    let returns = ingestor.call_back(&batch(1), until, Duration::ZERO).await;
     let changes = queue.changes.lock().unwrap().drain(..).collect();
     // Nothing is lost: every message is still held, due where it went or where it was.
     assert_eq!(ingestor.away.due_from(ARN, now), soon + far);
@@ -1271,7 +1317,7 @@ async fn a_probe_call_that_fails_transiently_does_not_keep_the_instance_from_set
     // call-backs, not [`crate::limiter::SETTLE_WITHIN`] later.
     assert!(!ingestor.limiter.stats().settling);
     tokio::time::advance(crate::limiter::CALL_BACK_QUIET).await;
-    assert!(ingestor.limiter.room(Instant::now(), 10) > 0);
+    assert!(ingestor.limiter.room(Instant::now(), 10, Duration::ZERO) > 0);
 }
 
 #[tokio::test(start_paused = true)]
