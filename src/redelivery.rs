@@ -28,7 +28,9 @@
 //!   than [`PACED_HAND_BACKS`] hand-backs left returns faster than the backlog drains, to find
 //!   quota not yet used; its last ones return at the drain rate, since a return that misses
 //!   waits in an invocation on its last allowed delivery ([`Budget::overbook`]). Quota those
-//!   returns leave unused goes to messages called back from the queue ([`Away`]).
+//!   returns leave unused goes to messages called back from the queue ([`Away`]): after each
+//!   batch, as many as the instance's bucket still holds or, if more, as its rate allowed
+//!   while it sat idle before the batch ([`IDLE_CALL_BACK`]).
 //! - **Placed where few are due.** Of [`PLACEMENT_CHOICES`] random times within the spread, a
 //!   hand-back takes the one with the fewest of this instance's hand-backs due within
 //!   [`PLACEMENT_WINDOW`] ([`Away::due_near`]): a return that misses its slot is handed back
