@@ -460,6 +460,15 @@ fn no_slot() -> Outcome {
     )
 }
 
+/// Lets `ingestor` see its queue's backlog fall from 1,000 to 980 messages over two seconds
+/// (10/s): its warm-up is over, and hand-backs are spread over the time left.
+async fn past_warm_up<A: AssetApi>(ingestor: &Ingestor<A>) {
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
+    ingestor.gauge.observe(ARN, Instant::now(), 1000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    ingestor.gauge.observe(ARN, Instant::now(), 980);
+}
+
 /// An instance with a receive budget of five, on a queue of 1,000 messages that held 980 two
 /// seconds later (98 s left at 10/s), which has just set the redelivery delays of a first
 /// delivery's batch of ten with outcome `outcome(i)` for record `i`.
@@ -475,7 +484,6 @@ struct HandedBack {
 
 impl HandedBack {
     async fn new(outcome: impl Fn(usize) -> Outcome) -> Self {
-        const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
         fastrand::seed(11);
         let queue = draining(980, 0);
         let config = Config {
@@ -483,9 +491,7 @@ impl HandedBack {
             ..slow_config()
         };
         let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
-        ingestor.gauge.observe(ARN, Instant::now(), 1000);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        ingestor.gauge.observe(ARN, Instant::now(), 980);
+        past_warm_up(&ingestor).await;
         let records = batch(1);
         let outcomes: Vec<Outcome> = (0..10).map(outcome).collect();
         let until = Instant::now() + Duration::from_secs(30);
@@ -625,9 +631,7 @@ async fn an_instance_that_sat_idle_calls_back_the_calls_its_rate_left_unused_mea
         ..slow_config()
     };
     let ingestor = Ingestor::new(Instant0, config).with_queue(queue);
-    ingestor.gauge.observe(ARN, Instant::now(), 1000);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    ingestor.gauge.observe(ARN, Instant::now(), 980);
+    past_warm_up(&ingestor).await;
     // Six messages away, due 20 to 25 s from now.
     let now = Instant::now();
     for i in 0..6 {
@@ -959,16 +963,10 @@ fn bookings_reach_no_further_than_four_backoff_ceilings_of_the_receive_count() {
 
 #[tokio::test(start_paused = true)]
 async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_want_of_a_slot() {
-    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:ingest";
     let queue = draining(1000, 0);
     queue.answers.store(false, Ordering::Relaxed);
     let ingestor = Ingestor::new(Instant0, slow_config()).with_queue(queue);
-    let past_warm_up = || async {
-        ingestor.gauge.observe(ARN, Instant::now(), 1000);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        ingestor.gauge.observe(ARN, Instant::now(), 980);
-    };
-    past_warm_up().await;
+    past_warm_up(&ingestor).await;
     // The queue may have a redrive policy of 3: at 1 request/s every message waits for its
     // slot and is made, none spends a delivery.
     let (created, handed_back, seconds) = drain_batch(&ingestor, &batch(1)).await;
@@ -978,7 +976,7 @@ async fn while_the_receive_budget_cannot_be_read_no_message_is_handed_back_for_w
     // A minute later the read answers: no redrive policy, so messages without a slot go back.
     tokio::time::advance(Duration::from_secs(60)).await;
     queue.answers.store(true, Ordering::Relaxed);
-    past_warm_up().await;
+    past_warm_up(&ingestor).await;
     let (_, handed_back, _) = drain_batch(&ingestor, &batch(1)).await;
     assert!(handed_back >= 5, "{handed_back} handed back");
 }
